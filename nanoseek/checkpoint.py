@@ -1,0 +1,344 @@
+"""HF-layout checkpoint I/O: the only model format nanoseek reads or writes.
+
+Layout (what the released DeepSeek checkpoints and transformers use):
+    config.json
+    model.safetensors                       or  model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    model.embed_tokens.weight, model.layers.N.*, model.norm.weight, lm_head.weight
+    model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight      one tensor per expert
+    model.layers.{num_hidden_layers + k}.*                          MTP module k (+ its copies of
+                                                                    embed_tokens and shared_head.head)
+FP8 checkpoints store `float8_e4m3fn` weights with `<name>_scale_inv` [ceil(out/128), ceil(in/128)]:
+weight = fp8 · scale per 128×128 block (ragged edge blocks included). They are dequantised on load.
+
+Loading streams one tensor at a time into a model allocated once, so peak memory is the model plus
+one tensor. Saving writes a temporary directory and renames it into place: a crash never leaves a
+half-written checkpoint. safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .model.args import ConfigError, ModelArgs
+from .model.rope import inv_frequencies
+from .model.transformer import Transformer
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MODEL_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json)$")
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn",) if hasattr(torch, n))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded as it is; the message names file and tensor."""
+
+
+# --- names ---------------------------------------------------------------------------------
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def hf_to_internal(name: str, args: ModelArgs) -> tuple[str, tuple | None] | None:
+    """Map a checkpoint tensor name to (parameter name, slice into it) or None for a shared copy.
+
+    The slice is (expert, row_start, row_end) for per-expert tensors fused into one parameter.
+    Raises KeyError for names that belong to no part of the model.
+    """
+    if name == "lm_head.weight":
+        return name, None
+    if not name.startswith("model."):
+        raise KeyError(name)
+    rest = name[len("model."):]
+    if rest in ("embed_tokens.weight", "norm.weight"):
+        return rest, None
+    m = re.match(r"^layers\.(\d+)\.(.*)$", rest)
+    if not m:
+        raise KeyError(name)
+    layer, tail = int(m.group(1)), m.group(2)
+    N = args.num_hidden_layers
+    if layer >= N:  # an MTP module
+        k = layer - N
+        if k >= args.num_nextn_predict_layers:
+            raise KeyError(name)
+        if tail in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None  # copies of the shared embedding / head
+        prefix = f"mtp.{k}."
+    else:
+        prefix = f"layers.{layer}."
+    e = _EXPERT.match(f"layers.{layer}.{tail}")
+    if e:
+        expert, proj = int(e.group(2)), e.group(3)
+        if expert >= args.n_routed_experts:
+            raise KeyError(name)
+        I = args.moe_intermediate_size
+        if proj == "down_proj":
+            return prefix + "mlp.experts.down_proj", (expert, 0, None)
+        start = 0 if proj == "gate_proj" else I
+        return prefix + "mlp.experts.gate_up_proj", (expert, start, start + I)
+    return prefix + tail, None
+
+
+def internal_to_hf(model: Transformer):
+    """Yield (checkpoint name, tensor) for every tensor of the HF layout, experts split, MTP copies added."""
+    args = model.args
+    state = dict(model.state_dict())
+    N, I = args.num_hidden_layers, args.moe_intermediate_size
+    for name, t in state.items():
+        if name.startswith("mtp."):
+            k, tail = name[len("mtp."):].split(".", 1)
+            prefix = f"model.layers.{N + int(k)}."
+        elif name.startswith("layers."):
+            i, tail = name[len("layers."):].split(".", 1)
+            prefix = f"model.layers.{i}."
+        elif name == "lm_head.weight":
+            yield name, t
+            continue
+        else:
+            yield "model." + name, t
+            continue
+        if tail == "mlp.experts.gate_up_proj":
+            for e in range(t.shape[0]):
+                yield f"{prefix}mlp.experts.{e}.gate_proj.weight", t[e, :I]
+                yield f"{prefix}mlp.experts.{e}.up_proj.weight", t[e, I:]
+        elif tail == "mlp.experts.down_proj":
+            for e in range(t.shape[0]):
+                yield f"{prefix}mlp.experts.{e}.down_proj.weight", t[e]
+        else:
+            yield prefix + tail, t
+    for k in range(len(model.mtp)):
+        yield f"model.layers.{N + k}.embed_tokens.weight", state["embed_tokens.weight"]
+        yield f"model.layers.{N + k}.shared_head.head.weight", state["lm_head.weight"]
+
+
+# --- FP8 -------------------------------------------------------------------------------------
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """fp8 weight [out, in] · scale_inv [ceil(out/b0), ceil(in/b1)] per block -> float32 [out, in]."""
+    out_dim, in_dim = weight.shape
+    b0, b1 = block
+    expected = (-(-out_dim // b0), -(-in_dim // b1))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} "
+                         f"in {b0}x{b1} blocks (expected {expected})")
+    scale = scale_inv.float().repeat_interleave(b0, 0)[:out_dim].repeat_interleave(b1, 1)[:, :in_dim]
+    return weight.float() * scale
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise max-abs quantisation to float8_e4m3fn, the inverse of `dequantize_fp8`.
+
+    weight [out, in] -> (fp8 [out, in], scale_inv float32 [ceil(out/b0), ceil(in/b1)]).
+    """
+    out_dim, in_dim = weight.shape
+    b0, b1 = block
+    nb0, nb1 = -(-out_dim // b0), -(-in_dim // b1)
+    padded = weight.float().new_zeros(nb0 * b0, nb1 * b1)
+    padded[:out_dim, :in_dim] = weight.float()
+    blocks = padded.view(nb0, b0, nb1, b1)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    q = (blocks / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn).view(nb0 * b0, nb1 * b1)
+    return q[:out_dim, :in_dim].contiguous(), scale_inv
+
+
+# --- load ------------------------------------------------------------------------------------
+def _shard_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (path / f).exists():
+                raise CheckpointError(f"{index}: lists shard {f!r}, which is missing from {path}")
+        return [path / f for f in files]
+    if (path / SINGLE_NAME).exists():
+        return [path / SINGLE_NAME]
+    raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Load an HF-layout directory into a Transformer.
+
+    dtype None: float32 on CPU (bf16 matmuls are very slow there), the checkpoint's torch_dtype
+    elsewhere. FP8 weights are dequantised. Raises CheckpointError / ConfigError naming the file
+    and tensor for a missing, unexpected, mis-shaped or unreadable tensor.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: no config.json (not an HF-layout model directory)")
+    args = ModelArgs.from_json(path / "config.json")
+    files = _shard_files(path)
+    if args.num_nextn_predict_layers and not _has_layer(files, args.num_hidden_layers):
+        # transformers drops MTP modules when it saves; such a checkpoint is still a whole model.
+        warnings.warn(f"{path}: config has num_nextn_predict_layers={args.num_nextn_predict_layers} but the "
+                      "checkpoint holds no MTP tensors; loading without MTP modules")
+        args = args.replace(num_nextn_predict_layers=0)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else getattr(torch, args.torch_dtype, torch.bfloat16)
+    block = tuple((args.quantization_config or {}).get("weight_block_size", (128, 128)))
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device).to(dtype)
+    for module in model.modules():  # the balancing bias stays fp32 whatever the compute dtype
+        if getattr(module, "e_score_correction_bias", None) is not None:
+            module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
+    params = dict(model.state_dict(keep_vars=True))
+    expected = {name for name, _ in internal_to_hf(model)}
+    seen: set[str] = set()
+
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+        with handle as f:
+            keys = set(f.keys())
+            for name in sorted(keys):
+                if name.endswith("_scale_inv"):
+                    if name[: -len("_scale_inv")] not in keys:
+                        raise CheckpointError(f"{file}: {name} has no matching weight tensor")
+                    continue
+                try:
+                    target = hf_to_internal(name, args)
+                except KeyError:
+                    raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of this "
+                                          f"{args.model_type} config)") from None
+                try:
+                    t = f.get_tensor(name)
+                    scale = f.get_tensor(name + "_scale_inv") if name + "_scale_inv" in keys else None
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+                if t.dtype in FP8_DTYPES:
+                    if scale is None:
+                        raise CheckpointError(f"{file}: FP8 tensor {name!r} has no {name}_scale_inv")
+                    try:
+                        t = dequantize_fp8(t, scale, block)
+                    except ValueError as e:
+                        raise CheckpointError(f"{file}: {name}: {e}") from None
+                if name in seen:
+                    raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
+                seen.add(name)
+                if target is None:
+                    shared = "embed_tokens.weight" if name.endswith("embed_tokens.weight") else "lm_head.weight"
+                    _check_shape(file, name, t.shape, params[shared].shape)
+                    continue
+                pname, sl = target
+                p = params[pname]
+                with torch.no_grad():
+                    if sl is None:
+                        _check_shape(file, name, t.shape, p.shape)
+                        p.copy_(t.to(p.dtype))
+                    else:
+                        expert, start, stop = sl
+                        dst = p[expert, start:stop] if stop is not None else p[expert]
+                        _check_shape(file, name, t.shape, dst.shape)
+                        dst.copy_(t.to(p.dtype))
+    missing = sorted(expected - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
+    model.inv_freq.copy_(inv_frequencies(args)[0])  # non-persistent buffer: not in the file
+    return model.eval()
+
+
+def _has_layer(files: list[Path], layer: int) -> bool:
+    prefix = f"model.layers.{layer}."
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if any(k.startswith(prefix) for k in f.keys()):
+                    return True
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+    return False
+
+
+def _check_shape(file: Path, name: str, got, want) -> None:
+    if tuple(got) != tuple(want):
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(got)}, the config needs {tuple(want)}")
+
+
+# --- save ------------------------------------------------------------------------------------
+def save(model: Transformer, path, max_shard_size: int = 2 << 30) -> None:
+    """Write `model` to `path` in the HF layout, atomically.
+
+    Shards at `max_shard_size` bytes (index written when there is more than one shard). Files in an
+    existing `path` that are not model files (tokenizer, generation config, ...) are kept.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in internal_to_hf(model):
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t.detach().to("cpu").contiguous().clone()
+            size += nbytes
+        weight_map, total = {}, 0
+        n = len(shards)
+        for i, shard in enumerate(shards, start=1):
+            fname = SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            for name, t in shard.items():
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        config = model.args.to_config()
+        config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        config.pop("quantization_config", None)  # we write dequantised weights
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if path.exists():
+            for item in path.iterdir():
+                if not MODEL_FILES.match(item.name) and not (tmp / item.name).exists():
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    for f in d.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename tmp to path; an existing path is moved aside first and removed only afterwards."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load", "save", "dequantize_fp8", "quantize_fp8"]

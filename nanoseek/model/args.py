@@ -1,0 +1,379 @@
+"""ModelArgs: one dataclass whose field names are the checkpoints' own `config.json` keys.
+
+A DeepSeek `config.json` round-trips through `ModelArgs.from_config` / `to_config` without a
+translation table. Two spellings exist in the wild and both are read:
+
+* the official DeepSeek style: `rope_scaling` + top-level `rope_theta`, `num_nextn_predict_layers`,
+  `quantization_config` (FP8 checkpoints);
+* the newer transformers style: `rope_parameters` (with `rope_theta` inside), `num_mtp_layers`.
+
+We always write the official style (it is what the released checkpoints use, and transformers
+reads it). Unknown keys and contradictory values raise `ConfigError` instead of being guessed at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that nanoseek cannot interpret faithfully."""
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "deepseek_v3"  # "deepseek_v3" or "deepseek_v2": decides the defaults below
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # width of the dense FFN in the first layers
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    first_k_dense_replace: int = 3  # layers [0, k) use a dense FFN, the rest DeepSeekMoE
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    initializer_range: float = 0.006  # V3 paper: all weights ~ N(0, 0.006)
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    # mla
+    q_lora_rank: int | None = 1536  # None: queries use one full-rank q_proj (V2-Lite)
+    kv_lora_rank: int = 512  # size of the cached latent c_KV
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64  # the decoupled, RoPE-carrying part (shared key across heads)
+    v_head_dim: int = 128
+    # moe
+    moe_intermediate_size: int = 2048  # width of one fine-grained expert
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8  # experts are split in n_group groups (a node at scale) ...
+    topk_group: int = 4  # ... and a token may only reach topk_group of them
+    topk_method: str = "noaux_tc"  # "noaux_tc" (V3, biased sigmoid), "greedy", "group_limited_greedy" (V2)
+    scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
+    norm_topk_prob: bool = True  # renormalise the chosen gate weights to sum to 1
+    routed_scaling_factor: float = 2.5
+    # mtp
+    num_nextn_predict_layers: int = 1  # D, the number of sequential MTP modules
+    # rope / yarn
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_interleave: bool = True  # checkpoints rotate adjacent pairs (complex view), not halves
+    # storage
+    torch_dtype: str = "bfloat16"
+    quantization_config: dict | None = None  # FP8 block-quantised weights, dequantised on load
+
+    def __post_init__(self):
+        self.validate()
+
+    # --- derived sizes -------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    @property
+    def yarn(self) -> dict | None:
+        """The YaRN parameters when `rope_scaling` asks for YaRN, else None."""
+        if not self.rope_scaling:
+            return None
+        return self.rope_scaling
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk_head_dim), times mscale^2 under YaRN (DeepSeek-V2 appendix, V3 config)."""
+        scale = self.qk_head_dim**-0.5
+        if self.yarn and self.yarn.get("mscale_all_dim"):
+            m = yarn_mscale(self.yarn["factor"], self.yarn["mscale_all_dim"])
+            scale = scale * m * m
+        return scale
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return layer_id >= self.first_k_dense_replace
+
+    # --- checks --------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.model_type in ("deepseek_v3", "deepseek_v2"),
+             f"model_type {self.model_type!r} is not supported (deepseek_v3, deepseek_v2)")
+        need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (silu)")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "v_head_dim", "intermediate_size"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+             f"qk_rope_head_dim must be a positive even integer, got {self.qk_rope_head_dim!r}")
+        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+             f"q_lora_rank must be null or a positive integer, got {self.q_lora_rank!r}")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+             f"first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers="
+             f"{self.num_hidden_layers}]")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        if self.first_k_dense_replace < self.num_hidden_layers or self.num_nextn_predict_layers:
+            need(self.n_routed_experts > 0 and self.moe_intermediate_size > 0,
+                 "MoE layers need n_routed_experts > 0 and moe_intermediate_size > 0")
+            need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
+                 f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, n_routed_experts="
+                 f"{self.n_routed_experts}]")
+        need(self.scoring_func in ("sigmoid", "softmax"),
+             f"scoring_func {self.scoring_func!r} is not supported (sigmoid, softmax)")
+        need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
+             f"topk_method {self.topk_method!r} is not supported (noaux_tc, greedy, group_limited_greedy)")
+        need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+             f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}")
+        need(1 <= self.topk_group <= self.n_group, f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.topk_method != "greedy" and self.topk_group < self.n_group:
+            per_group = self.n_routed_experts // self.n_group
+            need(self.topk_group * per_group >= self.num_experts_per_tok,
+                 f"topk_group={self.topk_group} groups of {per_group} experts cannot hold num_experts_per_tok="
+                 f"{self.num_experts_per_tok} experts")
+            if self.topk_method == "noaux_tc":
+                need(per_group >= 2, "noaux_tc scores a group by its top-2 experts: groups need >= 2 experts")
+        if self.yarn is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            need(kind == "yarn", f"rope_scaling type {kind!r} is not supported (yarn)")
+            need(isinstance(self.rope_scaling.get("factor"), (int, float)) and self.rope_scaling["factor"] >= 1,
+                 "rope_scaling.factor must be a number >= 1")
+            need(isinstance(self.rope_scaling.get("original_max_position_embeddings"), int),
+                 "rope_scaling.original_max_position_embeddings must be an integer")
+            unknown = set(self.rope_scaling) - _YARN_KEYS
+            need(not unknown, f"unknown rope_scaling keys: {sorted(unknown)}")
+        if self.quantization_config is not None:
+            q = self.quantization_config
+            need(q.get("quant_method") == "fp8" and q.get("fmt", "e4m3") == "e4m3",
+                 f"quantization_config {q} is not supported (quant_method fp8, fmt e4m3)")
+            block = q.get("weight_block_size", [128, 128])
+            need(isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block),
+                 f"quantization_config.weight_block_size must be [rows, cols], got {block!r}")
+
+    # --- config.json I/O ---------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ModelArgs":
+        """Build from a parsed config.json (either spelling). Raises ConfigError on anything off."""
+        if not isinstance(config, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        cfg = dict(config)
+        model_type = cfg.get("model_type")
+        if model_type not in ("deepseek_v3", "deepseek_v2"):
+            raise ConfigError(f"config.json model_type {model_type!r} is not supported (deepseek_v3, deepseek_v2)")
+        defaults = V3_DEFAULTS if model_type == "deepseek_v3" else V2_DEFAULTS
+        kwargs: dict[str, Any] = dict(defaults)
+
+        # RoPE: `rope_parameters` (new) vs `rope_scaling` + `rope_theta` (official). Both may be present
+        # when a config was re-saved by transformers; then they must agree.
+        params = cfg.pop("rope_parameters", None)
+        scaling = cfg.pop("rope_scaling", None)
+        theta = cfg.pop("rope_theta", None)
+        if params is not None:
+            params = dict(params)
+            p_theta = params.pop("rope_theta", None)
+            p_type = params.pop("rope_type", params.pop("type", "default"))
+            if theta is not None and p_theta is not None and float(theta) != float(p_theta):
+                raise ConfigError(f"rope_theta={theta} contradicts rope_parameters.rope_theta={p_theta}")
+            theta = p_theta if p_theta is not None else theta
+            p_scaling = None if p_type == "default" else {"type": p_type, **params}
+            if p_type == "default" and params:
+                raise ConfigError(f"rope_parameters has keys {sorted(params)} but rope_type 'default'")
+            if scaling is not None and _norm_scaling(scaling) != _norm_scaling(p_scaling):
+                raise ConfigError(f"rope_scaling={scaling} contradicts rope_parameters={config['rope_parameters']}")
+            scaling = p_scaling
+        if theta is not None:
+            kwargs["rope_theta"] = float(theta)
+        kwargs["rope_scaling"] = _norm_scaling(scaling)
+
+        # MTP depth has two names.
+        mtp_a, mtp_b = cfg.pop("num_nextn_predict_layers", None), cfg.pop("num_mtp_layers", None)
+        if mtp_a is not None and mtp_b is not None and mtp_a != mtp_b:
+            raise ConfigError(f"num_nextn_predict_layers={mtp_a} contradicts num_mtp_layers={mtp_b}")
+        if mtp_a is not None or mtp_b is not None:
+            kwargs["num_nextn_predict_layers"] = mtp_a if mtp_a is not None else mtp_b
+
+        if "dtype" in cfg:  # transformers 5 renamed torch_dtype -> dtype
+            d = cfg.pop("dtype")
+            cfg.setdefault("torch_dtype", d)
+
+        # Keys transformers or the official repo write that are either derived or irrelevant here.
+        # Derived ones must agree with what we derive.
+        checks = {
+            "qk_head_dim": lambda a: a.qk_head_dim,
+            "head_dim": lambda a: a.qk_rope_head_dim,
+        }
+        derived = {k: cfg.pop(k) for k in list(cfg) if k in checks}
+        for key in ("tie_word_embeddings", "mlp_bias"):
+            if cfg.pop(key, False):
+                raise ConfigError(f"{key}=true is not supported by DeepSeek models")
+        if cfg.pop("moe_layer_freq", 1) != 1:
+            raise ConfigError("moe_layer_freq != 1 is not supported (every layer after first_k_dense_replace is MoE)")
+        if cfg.pop("attention_dropout", 0.0) not in (0, 0.0, None):
+            raise ConfigError("attention_dropout > 0 is not supported")
+        for key in list(cfg):
+            if key in _IGNORED_KEYS:
+                cfg.pop(key)
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(f"unknown config.json keys for {model_type}: {unknown}")
+        kwargs.update(cfg)
+        if kwargs.get("n_group") is None:
+            kwargs["n_group"] = 1
+        if kwargs.get("topk_group") is None:
+            kwargs["topk_group"] = kwargs["n_group"]
+        args = cls(**kwargs)
+        for key, value in derived.items():
+            if value is not None and value != checks[key](args):
+                raise ConfigError(f"config.json {key}={value} contradicts the derived value {checks[key](args)}")
+        return args
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file (a model directory needs a config.json)") from None
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_config(config)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_config(self) -> dict[str, Any]:
+        """The official checkpoint spelling, readable by transformers too."""
+        cfg = dataclasses.asdict(self)
+        cfg["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        cfg["num_key_value_heads"] = self.num_attention_heads
+        cfg["tie_word_embeddings"] = False
+        cfg["moe_layer_freq"] = 1
+        if cfg["quantization_config"] is None:
+            del cfg["quantization_config"]
+        return dict(sorted(cfg.items()))
+
+    def replace(self, **changes) -> "ModelArgs":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+_YARN_KEYS = {"type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+              "mscale_all_dim", "attention_factor", "truncate"}
+
+
+def _norm_scaling(scaling: dict | None) -> dict | None:
+    """`rope_scaling` with `rope_type` spelled `type`; None for no scaling."""
+    if not scaling:
+        return None
+    s = dict(scaling)
+    kind = s.pop("rope_type", None) or s.pop("type", None)
+    s.pop("rope_theta", None)
+    if kind in (None, "default"):
+        return None
+    return {"type": kind, **s}
+
+
+# Written by transformers / the official repo, meaningless for the model maths.
+_IGNORED_KEYS = {
+    "architectures", "auto_map", "transformers_version", "use_cache", "pretraining_tp", "num_key_value_heads",
+    "aux_loss_alpha", "seq_aux", "ep_size", "output_router_logits", "router_aux_loss_coef", "_name_or_path",
+    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder", "_attn_implementation_autoset",
+    "max_window_layers", "use_sliding_window", "sliding_window",
+}
+
+# The defaults of each family, applied before the file's own keys (a config.json may omit keys).
+V3_DEFAULTS: dict[str, Any] = {}
+V2_DEFAULTS: dict[str, Any] = dict(
+    model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288, num_hidden_layers=60,
+    num_attention_heads=128, first_k_dense_replace=1, max_position_embeddings=163840, q_lora_rank=1536,
+    moe_intermediate_size=1536, n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, n_group=8,
+    topk_group=3, topk_method="group_limited_greedy", scoring_func="softmax", norm_topk_prob=False,
+    routed_scaling_factor=16.0, num_nextn_predict_layers=0, bos_token_id=100000, eos_token_id=100001,
+)
+
+
+# --- named sizes -------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on 2 CPU cores in minutes: 4 layers (1 dense), 8 experts with 2 groups, 1 MTP module.
+    "tiny": dict(
+        vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=2, topk_group=1, routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=4096,
+        initializer_range=0.02, torch_dtype="float32",
+    ),
+    "small": dict(
+        vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+        first_k_dense_replace=1, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, moe_intermediate_size=256, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=4096,
+        initializer_range=0.006,
+    ),
+    "deepseek-v3": dict(
+        max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=27,
+        num_attention_heads=16, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=512, moe_intermediate_size=1408,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="greedy",
+        scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0,
+        bos_token_id=100000, eos_token_id=100001,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    """ModelArgs for a named size, with any field overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    kw = dict(PRESETS[name])
+    base = V2_DEFAULTS if kw.get("model_type") == "deepseek_v2" else V3_DEFAULTS
+    merged = {**base, **kw, **overrides}
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"unknown ModelArgs fields: {unknown}")
+    return ModelArgs(**merged)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["hidden_size=256", "q_lora_rank=null", "rope_scaling={...}"] -> dict, values parsed as JSON
+    (bare words fall back to strings). Unknown field names raise ConfigError."""
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not FIELD=VALUE")
+        if key not in known:
+            raise ConfigError(f"override {item!r}: unknown field {key!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out

@@ -1,0 +1,135 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+
+Keys and values are compressed into one latent per token,
+    [c_KV ; k_R] = W_DKV h          c_KV: kv_lora_rank, k_R: qk_rope_head_dim (shared by all heads)
+    [k_C ; v]    = W_UKV RMSNorm(c_KV)  per head: qk_nope_head_dim + v_head_dim
+and queries optionally through a low-rank bottleneck (q_lora_rank; V2-Lite has none). Each head's
+query/key is [nope ; rope], and only the rope part is rotated.
+
+Two paths over the same weights:
+
+* **naive** (training, prefill): expand the latent into per-head K and V and run ordinary
+  causal attention. Cheapest when every token attends to a chunk it just computed.
+* **absorbed** (decoding): never expand the cache. Since score = q_C·(W_UK c) + q_R·k_R, fold W_UK
+  into the query (q_C W_UK is a kv_lora_rank-dim query against the cached latent), attend over the
+  latents, and apply W_UV after the weighted sum. The cache holds only norm(c_KV) and rotated k_R:
+  kv_lora_rank + qk_rope_head_dim values per token per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.softmax_scale = args.softmax_scale
+        self.interleave = args.rope_interleave
+        qk_dim, bias = args.qk_head_dim, args.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(args.hidden_size, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(args.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, args.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(args.hidden_size, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, args.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.hidden_size, bias=bias)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The parts both paths share.
+
+        x: [B, T, hidden]; cos/sin: [B, T, rope/2] at each token's absolute position.
+        Returns q_nope [B,T,H,nope], q_rope [B,T,H,rope] (rotated), latent [B,T,kv_lora_rank]
+        (normalised c_KV), k_rope [B,T,rope] (rotated): the last two are what a cache stores.
+        """
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_rope = apply_rope(q_rope, cos, sin, self.interleave)
+        k_rope = apply_rope(k_rope, cos, sin, self.interleave)
+        return q_nope, q_rope, latent, k_rope
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
+        kv_len: int | None = None,
+        absorbed: bool | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden].
+
+        Without `cache`: causal attention over the T tokens (naive path unless `absorbed=True`).
+        With `cache` = (latent_cache [B, S, kv_lora_rank], rope_cache [B, S, rope]) and `positions`
+        LongTensor[B, T]: the new latents are written at their positions, then each query attends to
+        cache rows [0, its position] among the first `kv_len` rows (default S). Rows past a
+        sequence's position are masked, so stale slots never leak. Cached attention defaults to the
+        absorbed path; `absorbed=False` expands the cached latents instead (same result).
+        """
+        q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
+        if cache is None:
+            if absorbed:
+                return self._absorbed(q_nope, q_rope, latent, k_rope, mask=_causal(x.shape[1], x.device))
+            return self._naive(q_nope, q_rope, latent, k_rope, mask=None)
+        latent_cache, rope_cache = cache
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        latent_cache[rows, positions] = latent.to(latent_cache.dtype)
+        rope_cache[rows, positions] = k_rope.to(rope_cache.dtype)
+        S = kv_len or latent_cache.shape[1]
+        mask = torch.arange(S, device=x.device) <= positions[:, :, None]  # [B, T, S]
+        kv, kr = latent_cache[:, :S].to(latent.dtype), rope_cache[:, :S].to(k_rope.dtype)
+        if absorbed is False:
+            return self._naive(q_nope, q_rope, kv, kr, mask=mask)
+        return self._absorbed(q_nope, q_rope, kv, kr, mask=mask)
+
+    def _naive(self, q_nope, q_rope, latent, k_rope, mask):
+        """Expand latents to per-head K/V and run SDPA. mask: None (causal) or bool [B, T, S]."""
+        B, S, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        attn_mask = None if mask is None else mask[:, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=attn_mask, is_causal=mask is None, scale=self.softmax_scale,
+        )  # [B, H, T, v]
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):
+        """Attend in the latent space. latent [B,S,r], k_rope [B,S,rope], mask bool [B|1, T, S]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UK folded into the query
+        scores = torch.einsum("bthr,bsr->bhts", q_latent, latent) + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)
+        scores = scores.float() * self.softmax_scale
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        out = torch.einsum("bhts,bsr->bthr", probs, latent)
+        out = torch.einsum("bthr,hvr->bthv", out, w_uv)  # W_UV applied after the weighted sum
+        return self.o_proj(out.flatten(2))
+
+
+def _causal(T: int, device) -> torch.Tensor:
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None]

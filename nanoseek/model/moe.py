@@ -1,0 +1,136 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2, V3 §2.1.2): shared experts plus fine-grained routed experts.
+
+    y = x + Σ_shared FFN_s(x) + Σ_{i ∈ TopK} g_i FFN_i(x)
+
+Routing (`Gate`):
+* scores s_i = sigmoid(u·e_i) (V3) or softmax over experts (V2), in fp32;
+* choice: V3 (`noaux_tc`) adds the balancing bias b_i (`e_score_correction_bias`) to the scores for
+  *selection only*, scores each of `n_group` groups by the sum of its top-2 biased scores and keeps
+  `topk_group` groups; V2 `group_limited_greedy` scores a group by its max; `greedy` ignores groups;
+* gate weights are the chosen unbiased s_i, renormalised when `norm_topk_prob`, times
+  `routed_scaling_factor`.
+
+Routed experts are stored fused (one tensor per projection across experts, rows in nn.Linear
+order) and run as two grouped matmuls over tokens sorted by expert: no per-expert Python loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .layers import MLP
+
+
+@dataclass
+class Routing:
+    """What one MoE layer decided, for balancing during training (all detached except `scores`).
+
+    indices: LongTensor[N, K] chosen experts per token (N = B*T, row-major over [B, T]);
+    scores: FloatTensor[N, E] unbiased affinities s_i (sigmoid or softmax), with grad.
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k, self.n_experts = args.num_experts_per_tok, args.n_routed_experts
+        self.n_group, self.topk_group = args.n_group, args.topk_group
+        self.topk_method, self.scoring_func = args.topk_method, args.scoring_func
+        self.norm_topk_prob, self.scale = args.norm_topk_prob, args.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, args.hidden_size))
+        # Aux-loss-free balancing bias (V3): moved by the trainer, not by gradients; kept in fp32.
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> weights FloatTensor[N, K], indices LongTensor[N, K], scores FloatTensor[N, E]."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach()
+        if self.e_score_correction_bias is not None:
+            choice = choice + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.topk_group < self.n_group:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale, indices, scores
+
+
+class Experts(nn.Module):
+    """n_routed_experts SwiGLU FFNs in two fused tensors.
+
+    gate_up_proj [E, 2*inter, hidden] (gate rows then up rows), down_proj [E, hidden, inter].
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, D, I = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
+        self.n_experts, self.inter_dim = E, I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden], indices/weights [N, K] -> [N, hidden]."""
+        N, K = indices.shape
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)  # token copies sorted by expert
+        token = order // K
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        xs = x[token]
+        h = grouped_mm(xs, self.gate_up_proj, offsets, counts)
+        gate, up = h.split(self.inter_dim, dim=-1)
+        h = grouped_mm(F.silu(gate) * up, self.down_proj, offsets, counts)
+        h = h * weights.flatten()[order, None].to(h.dtype)
+        return torch.zeros_like(x).index_add_(0, token, h)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group times w[g]^T. x [M, in], w [E, out, in], offsets = cumsum(counts)."""
+    if x.device.type == "cpu" or x.dtype == torch.bfloat16:
+        return F.grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    # CUDA grouped GEMM wants bf16; other dtypes fall back to one matmul per non-empty expert.
+    out, start = x.new_empty(x.shape[0], w.shape[1]), 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out[start : start + n] = x[start : start + n] @ w[e].T
+            start += n
+    return out
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = Experts(args)
+        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts) \
+            if args.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """x [B, T, hidden] -> (y [B, T, hidden], Routing)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices, scores = self.gate(flat)
+        y = self.experts(flat, indices, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape), Routing(indices=indices, scores=scores)

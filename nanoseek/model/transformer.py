@@ -1,0 +1,205 @@
+"""The DeepSeek-V3 / V2 decoder: embedding → blocks (MLA + dense FFN or DeepSeekMoE) → norm → head,
+plus the Multi-Token Prediction modules (V3 §2.2).
+
+Module names mirror the checkpoint (`embed_tokens`, `layers.N.self_attn.*`, `norm`, `lm_head`), so
+checkpoint I/O (`nanoseek/checkpoint.py`) only adds the `model.` prefix and fuses experts.
+
+MTP module k (1-based) at position i combines the previous depth's representation of token i with
+the embedding of token i+k and predicts token i+k+1:
+    h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]) → one Block → shared_head.norm → lm_head
+Depth 1 takes the main model's final (normed) hidden state, as vLLM and transformers do when they
+serve the released checkpoints; depth k>1 takes depth k-1's block output. Embedding and output head
+are the main model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+from .layers import MLP, RMSNorm
+from .mla import MLA
+from .moe import MoE, Routing
+from .rope import inv_frequencies
+
+LayerCache = tuple[torch.Tensor, torch.Tensor]  # (latent [B, S, kv_lora_rank], rope key [B, S, qk_rope_head_dim])
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = MLA(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, positions=None, kv_len=None, absorbed=None):
+        """x [B, T, hidden] -> (x [B, T, hidden], Routing | None)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, kv_len, absorbed)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            out, routing = self.mlp(h)
+            return x + out, routing
+        return x + self.mlp(h), None
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; its `head` is the main lm_head (shared)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class MTPModule(Block):
+    """One MTP depth: a Block preceded by the embedding/hidden merge. Checkpoint: model.layers.{N+k-1}."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__(args, layer_id)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.shared_head = SharedHead(args)
+
+    def forward(self, prev, emb, cos, sin, cache=None, positions=None, kv_len=None, absorbed=None):
+        """prev [B, T, hidden] (depth k-1 states), emb [B, T, hidden] (Emb(t_{i+k})) -> (h, Routing | None)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(prev)], dim=-1))
+        return super().forward(h, cos, sin, cache, positions, kv_len, absorbed)
+
+
+@dataclass
+class Output:
+    """logits [B, T, V] (None if not asked); hidden [B, T, hidden] after the final norm;
+    mtp_logits[k-1] [B, T-k, V] predicts targets[:, k:]; routing: one entry per MoE layer, main
+    layers first, then MTP layers."""
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    routing: list[Routing] = field(default_factory=list)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MTPModule(args, args.num_hidden_layers + k) for k in range(args.num_nextn_predict_layers)
+        )
+        inv_freq, self.rope_scale = inv_frequencies(args)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All matrices ~ N(0, initializer_range) (V3: 0.006), norms 1, biases and balance bias 0."""
+        std = self.args.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+        self.inv_freq.copy_(inv_frequencies(self.args)[0])
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions LongTensor[B, T] -> cos, sin FloatTensor[B, T, qk_rope_head_dim // 2]."""
+        angles = positions[..., None].float() * self.inv_freq.float()
+        return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids LongTensor[B, T] -> logits FloatTensor[B, T, V] (full causal forward)."""
+        return self.run(input_ids).logits
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+        kv_len: int | None = None,
+        absorbed: bool | None = None,
+        mtp: bool = False,
+        logits: bool = True,
+    ) -> Output:
+        """The full forward with every option.
+
+        input_ids [B, T]; positions [B, T] absolute positions (default 0..T-1); cache: one
+        (latent, rope) pair per main layer (extra entries for MTP layers are ignored here), written
+        at `positions` (see MLA.forward); mtp: also run the MTP modules over this chunk (training);
+        logits=False skips the output head (callers that need only some positions).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rope(positions)
+        x = self.embed_tokens(input_ids)
+        routing: list[Routing] = []
+        for i, layer in enumerate(self.layers):
+            x, r = layer(x, cos, sin, None if cache is None else cache[i], positions, kv_len, absorbed)
+            if r is not None:
+                routing.append(r)
+        hidden = self.norm(x)
+        out = Output(logits=self.lm_head(hidden) if logits else None, hidden=hidden, routing=routing)
+        if mtp:
+            prev = hidden
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                emb = self.embed_tokens(input_ids[:, k:])
+                prev, r = module(prev[:, : T - k], emb, cos[:, : T - k], sin[:, : T - k], absorbed=absorbed)
+                if r is not None:
+                    out.routing.append(r)
+                out.mtp_logits.append(self.lm_head(module.shared_head.norm(prev)))
+        return out
+
+    def mtp_step(self, k: int, prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                 cache: LayerCache, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cached MTP depth for speculative decoding.
+
+        prev [B, T, hidden] (main normed hidden for k=1), next_ids [B, T] tokens t_{i+k},
+        positions [B, T] of the hidden states, cache: that MTP layer's (latent, rope) pair.
+        Returns (logits [B, T, V] for t_{i+k+1}, block output [B, T, hidden] for depth k+1).
+        """
+        module = self.mtp[k - 1]
+        cos, sin = self.rope(positions)
+        h, _ = module(prev, self.embed_tokens(next_ids), cos, sin, cache, positions, kv_len)
+        return self.lm_head(module.shared_head.norm(h)), h
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameters of the main model (MTP excluded); active=True counts only the routed experts
+        a token uses (num_experts_per_tok of n_routed_experts)."""
+        total = 0
+        for name, p in self.named_parameters():
+            if name.startswith("mtp."):
+                continue
+            n = p.numel()
+            if active and ".experts." in name:
+                n = n * self.args.num_experts_per_tok // self.args.n_routed_experts
+            total += n
+        return total
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "Transformer":
+        """Load an HF-layout directory (see nanoseek.checkpoint.load)."""
+        from ..checkpoint import load
+
+        return load(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, max_shard_size: int = 2 << 30) -> None:
+        """Write an HF-layout directory atomically (see nanoseek.checkpoint.save)."""
+        from ..checkpoint import save
+
+        save(self, path, max_shard_size=max_shard_size)

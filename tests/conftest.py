@@ -1,0 +1,15 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: keep intra-op threads at the core count and make runs reproducible.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
