@@ -215,6 +215,8 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
                     continue
                 try:
                     target = hf_to_internal(name, args)
+                    if target is not None and target[0] not in params:
+                        raise KeyError(name)
                 except KeyError:
                     raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of this "
                                           f"{args.model_type} config)") from None
