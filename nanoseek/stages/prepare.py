@@ -1,0 +1,185 @@
+"""Prepare a pre-training dataset: corpus -> tokenizer -> FIM -> packed token shards.
+
+    nanoseek prepare --out runs/tiny/data                  # Python stdlib, 4K-token BPE
+    nanoseek prepare docs/ chats.jsonl --out runs/data --tokenizer deepseek-v3
+    python -m nanoseek.stages.prepare --out /tmp/data --max-bytes 1000000 --seq-len 128
+
+Writes OUT/tokenizer/ (Hugging Face layout, loadable by AutoTokenizer), OUT/train.bin and
+OUT/val.bin (token shards, see nanoseek/data/shards.py) and, last, OUT/meta.json.
+
+With no inputs the corpus is the running Python's standard library (~11 MB of .py files),
+so the tiny end-to-end run needs no download. The BPE is trained on the train split only, so
+validation bits-per-byte measure text the tokenizer never saw either. FIM is applied to the
+train split only: validation stays plain left-to-right text, so its loss and bits-per-byte
+don't move when --fim-rate changes.
+"""
+
+import argparse
+import itertools
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nanoseek.data.corpus import STDLIB_MAX_BYTES, DataError, read_corpus, stdlib_corpus
+from nanoseek.data.fim import encode_documents
+from nanoseek.data.shards import ShardWriter, split_documents, write_meta
+from nanoseek.data.tokenizer import Tokenizer, load_deepseek_v3, train_bpe
+
+DEFAULT_VOCAB_SIZE = 4096
+# Documents per call to the batch encoder: big enough to keep every core busy, small
+# enough for the progress bar to move.
+ENCODE_CHUNK = 256
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="nanoseek prepare",
+        description="Tokenize a corpus into packed train/val token shards.")
+    parser.add_argument("inputs", nargs="*",
+                        help="files or directories (.txt .md .py .jsonl .parquet); "
+                             "none: the Python standard library")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--tokenizer", default="bpe",
+                        help="'bpe' (train one here), 'deepseek-v3' (the real 128K "
+                             "vocabulary) or a path to a HF tokenizer dir (default: bpe)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help=f"BPE vocabulary size, special tokens included "
+                             f"(default {DEFAULT_VOCAB_SIZE}; only with --tokenizer bpe)")
+    parser.add_argument("--seq-len", type=int, default=256,
+                        help="training sequence length; recorded in meta.json and checked "
+                             "against the split sizes (default 256)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="fraction of documents held out for validation (default 0.01, "
+                             "at least one)")
+    parser.add_argument("--fim-rate", type=float, default=0.1,
+                        help="fraction of train documents rearranged for fill-in-the-middle "
+                             "(default 0.1, as DeepSeek-V3)")
+    parser.add_argument("--seed", type=int, default=0, help="split and FIM seed (default 0)")
+    parser.add_argument("--max-docs", type=int, default=None,
+                        help="stop reading after this many documents")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help=f"stop reading after this many bytes of text (default: no cap, "
+                             f"{STDLIB_MAX_BYTES:,} for the stdlib corpus)")
+    parser.add_argument("--text-field", default="text",
+                        help="field holding the text in .jsonl/.parquet (default 'text')")
+    args = parser.parse_args(argv)
+    if args.seq_len < 1:
+        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if not 0 <= args.fim_rate <= 1:
+        parser.error(f"--fim-rate must be between 0 and 1, got {args.fim_rate}")
+    for flag in ("max_docs", "max_bytes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        parser.error("--vocab-size only applies to --tokenizer bpe")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
+    return args
+
+
+def load_corpus(args: argparse.Namespace):
+    # The library warns about skipped files; the stage reports them in its own words.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if args.inputs:
+            corpus = read_corpus(args.inputs, text_field=args.text_field,
+                                 max_docs=args.max_docs, max_bytes=args.max_bytes)
+        else:
+            cap = STDLIB_MAX_BYTES if args.max_bytes is None else args.max_bytes
+            corpus = stdlib_corpus(max_docs=args.max_docs, max_bytes=cap)
+    if corpus.skipped:
+        where, why = corpus.skipped[0]
+        print(f"warning: skipped {len(corpus.skipped)} unreadable file(s)/record(s), "
+              f"first: {where}: {why}", file=sys.stderr)
+    return corpus
+
+
+def get_tokenizer(args: argparse.Namespace, train_docs: list[str]) -> Tokenizer:
+    if args.tokenizer == "bpe":
+        return train_bpe(train_docs, vocab_size=args.vocab_size or DEFAULT_VOCAB_SIZE)
+    if args.tokenizer == "deepseek-v3":
+        return load_deepseek_v3()
+    return Tokenizer.from_dir(args.tokenizer)
+
+
+def write_split(path: Path, docs: list[str], tok: Tokenizer, fim_rate: float,
+                rng: random.Random) -> tuple[int, int]:
+    """Tokenize docs (with FIM) into one shard file; returns (tokens, FIM documents)."""
+    fim_docs = 0
+    with ShardWriter(path, tok.vocab_size) as writer, \
+            tqdm(total=len(docs), desc=f"tokenizing {path.stem}", unit="doc") as bar:
+        for start in range(0, len(docs), ENCODE_CHUNK):
+            chunk = docs[start:start + ENCODE_CHUNK]
+            ids, num_fim = encode_documents(tok, chunk, rng, fim_rate)
+            writer.write(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64))
+            fim_docs += num_fim
+            bar.update(len(chunk))
+    return writer.num_tokens, fim_docs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    try:
+        corpus = load_corpus(args)
+        train_docs, val_docs = split_documents(corpus.documents, args.val_fraction, args.seed)
+        tok = get_tokenizer(args, train_docs)
+
+        out.mkdir(parents=True, exist_ok=True)
+        # meta.json marks a finished prepare; drop a stale one before touching the shards.
+        (out / "meta.json").unlink(missing_ok=True)
+        tok.save(out / "tokenizer")
+        splits = {}
+        for name, docs, fim_rate in (("train", train_docs, args.fim_rate),
+                                     ("val", val_docs, 0.0)):
+            rng = random.Random(f"fim:{name}:{args.seed}")
+            tokens, fim_docs = write_split(out / f"{name}.bin", docs, tok, fim_rate, rng)
+            if tokens < args.seq_len + 1:
+                raise DataError(f"the {name} split has only {tokens} tokens, less than one "
+                                f"window of --seq-len {args.seq_len} + 1; use more data, a "
+                                f"larger --val-fraction or a smaller --seq-len")
+            num_bytes = sum(len(d.encode("utf-8")) for d in docs)
+            splits[name] = {"file": f"{name}.bin", "docs": len(docs), "fim_docs": fim_docs,
+                            "fim_rate": fim_rate, "tokens": tokens, "bytes": num_bytes,
+                            "bytes_per_token": num_bytes / tokens}
+        write_meta(out / "meta.json", {
+            "format": "nanoseek-tokens",
+            "vocab_size": tok.vocab_size,
+            "tokenizer": {"name": tok.name, "dir": "tokenizer", "vocab_size": tok.vocab_size,
+                          "sha256": tok.fingerprint(), "bos_id": tok.bos_id,
+                          "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+            "seq_len": args.seq_len,
+            "fim_rate": args.fim_rate,
+            "val_fraction": args.val_fraction,
+            "seed": args.seed,
+            "corpus": {"sources": corpus.sources, "docs": len(corpus.documents),
+                       "skipped": len(corpus.skipped), "max_docs": args.max_docs,
+                       "max_bytes": args.max_bytes},
+            "splits": splits,
+        })
+    except DataError as e:
+        raise SystemExit(f"nanoseek prepare: error: {e}") from None
+
+    train, val = splits["train"], splits["val"]
+    total_tokens, total_bytes = train["tokens"] + val["tokens"], train["bytes"] + val["bytes"]
+    print(f"prepared {len(corpus.documents):,} docs ({train['docs']:,} train / "
+          f"{val['docs']:,} val, {train['fim_docs']:,} FIM), "
+          f"{total_bytes / 1e6:.1f} MB -> {total_tokens:,} tokens "
+          f"({total_bytes / total_tokens:.2f} bytes/token), "
+          f"tokenizer {tok.name} ({tok.vocab_size:,} ids), "
+          f"{time.perf_counter() - t0:.1f} s")
+    print(f"wrote {out}/tokenizer/, {out}/train.bin, {out}/val.bin, {out}/meta.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
