@@ -1,0 +1,428 @@
+"""Pre-train a DeepSeek-V3-style model: next-token + MTP loss, balanced MoE, exact resume.
+
+    nanoseek train --data runs/tiny/data --out runs/tiny --preset tiny --max-minutes 10
+    nanoseek train --data DATA --out OUT --preset tiny --steps 300 --set num_hidden_layers=2
+    nanoseek train --data DATA --out OUT --resume            # continue OUT/checkpoints/latest exactly
+    python -m nanoseek.stages.train --help
+
+The recipe is DeepSeek-V3's (report §4.2), scaled by flags to small runs: AdamW (β 0.9/0.95,
+weight decay 0.1), gradient-norm clip 1.0, the V3 learning-rate shape (warm-up, constant, cosine,
+two flat tails) and batch-size ramp as fractions of the token budget (nanoseek/train/schedule.py),
+MTP weight λ 0.3 then 0.1, aux-loss-free balancing (bias speed γ, frozen for the last 3% of
+tokens) plus a tiny sequence-wise balance loss (nanoseek/train/balance.py). The defaults are the
+tiny run's numbers; V3's own are in each flag's help.
+
+The budget is --tokens, --steps (steps × batch × seq_len tokens) or --max-minutes alone: then a
+few timed forward/backward passes on random tokens, before training, turn the minutes into a
+token budget, so the schedule is fixed from step 0 (and saved, so --resume is exact).
+
+Writes OUT/metrics.jsonl (one line per optimizer step and per validation), OUT/checkpoints/
+(HF layout + trainer_state/, see nanoseek/train/state.py), and at the end OUT/summary.json,
+OUT/report.md and PNG plots.
+
+Design choices:
+- fp32 on CPU (bf16 matmuls are two orders of magnitude slower there); bf16 autocast on GPU with
+  fp32 master weights, fp32 losses and an fp32 balancing bias.
+- A step whose loss or gradient norm is not finite is skipped (no update, no bias move) and
+  counted; --max-nonfinite in a row stop the run without saving, so the last good checkpoint stays.
+- --resume restores the saved run's settings (schedule, batch, balancing, seed) from
+  trainer_state; only flags that cannot change the numbers (device, eval/save cadence, time limit)
+  are taken from the command line. On CPU the resumed loss sequence is bitwise identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.checkpoint import CheckpointError
+from nanoseek.data import BatchLoader, DataError, Tokenizer, TokenShards, eval_batches
+from nanoseek.model import PRESETS, ConfigError, Transformer, preset
+from nanoseek.model.args import parse_overrides
+from nanoseek.train import schedule as V3
+from nanoseek.train.balance import max_vio, update_bias
+from nanoseek.train.loss import evaluate, training_loss
+from nanoseek.train.metrics import JsonlLog, flops_per_token, measure_peak_flops, read_jsonl
+from nanoseek.train.report import plot_run, write_report
+from nanoseek.train.sample import sample
+from nanoseek.train.schedule import Schedule
+from nanoseek.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
+
+# Flags a resumed run takes from its command line; every other one comes from the saved run.
+RESUMABLE_FLAGS = {"data", "out", "resume", "device", "compile", "max_minutes", "stop_at", "eval_every",
+                   "eval_batches", "save_every", "keep_last", "samples", "max_nonfinite", "quiet"}
+PROMPTS = ["import os\n", "def __init__(self", "class ", "    for i in range("]
+FIM_EXAMPLE = ("def add(a, b):\n    ", "\n\n\nprint(add(1, 2))\n")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="nanoseek train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, type=Path, help="a `nanoseek prepare` output directory")
+    p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, logs, report)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any ModelArgs field (JSON value), repeatable; vocab_size follows the tokenizer "
+                        "unless set here")
+    g.add_argument("--tokenizer", type=Path, help="tokenizer dir (default DATA/tokenizer); must be the shards' own")
+    g = p.add_argument_group("budget (one of them)")
+    g.add_argument("--tokens", type=int, help="training tokens (V3: 14.8e12)")
+    g.add_argument("--steps", type=int, help="optimizer steps at the full batch size (a batch ramp adds a few)")
+    g.add_argument("--max-minutes", type=float, help="wall-clock budget; alone, it sets the token budget from a "
+                                                     "measured throughput; with --tokens/--steps, a hard stop")
+    g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as if interrupted")
+    g = p.add_argument_group("batch")
+    g.add_argument("--seq-len", type=int, help="tokens per sequence (default: the data's meta.json, V3: 4096)")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (V3: 15360)")
+    g.add_argument("--micro-batch", type=int, help="sequences per forward pass; gradient accumulation makes up the "
+                                                  "rest (default: --batch-size)")
+    g.add_argument("--batch-start", type=int, help="batch size at step 0, ramped up linearly (default: 1/5 of "
+                                                  "--batch-size as V3's 3072 -> 15360; = --batch-size: no ramp)")
+    g.add_argument("--batch-ramp", type=float, default=V3.V3_BATCH_RAMP,
+                   help="fraction of tokens the ramp lasts (V3: 469B/14.8T = %(default).4f)")
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (V3: 2.2e-4)")
+    g.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps (V3: 2000)")
+    g.add_argument("--decay-start", type=float, default=V3.V3_DECAY_START,
+                   help="fraction of tokens where the cosine starts (V3: 10T/14.8T = %(default).3f)")
+    g.add_argument("--decay-end", type=float, default=V3.V3_DECAY_END,
+                   help="fraction where the cosine reaches lr/10 (V3: 14.3T/14.8T = %(default).3f)")
+    g.add_argument("--tail-switch", type=float, default=V3.V3_TAIL_SWITCH,
+                   help="fraction where the last tail (lr*%.3f) starts (V3: %%(default).4f)" % V3.V3_TAIL_RATIO)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    g = p.add_argument_group("multi-token prediction")
+    g.add_argument("--mtp-lambda", type=float, default=0.3, help="MTP loss weight early (V3: 0.3; 0 skips MTP)")
+    g.add_argument("--mtp-lambda-late", type=float, default=0.1, help="MTP loss weight late (V3: 0.1)")
+    g.add_argument("--mtp-switch", type=float, default=V3.V3_MTP_SWITCH,
+                   help="fraction of tokens where λ switches (V3: 10T/14.8T = %(default).3f)")
+    g = p.add_argument_group("load balancing")
+    g.add_argument("--bias-gamma", type=float, default=1e-3, help="aux-loss-free bias speed γ (V3: 0.001; 0: off)")
+    g.add_argument("--bias-freeze", type=float, default=V3.V3_DECAY_END,
+                   help="fraction of tokens after which γ = 0 (V3: 14.3T/14.8T = %(default).3f)")
+    g.add_argument("--seq-alpha", type=float, default=1e-4, help="sequence-wise balance loss weight α (V3: 1e-4)")
+    g.add_argument("--aux-alpha", type=float, default=0.0, help="classic batch-wide auxiliary loss weight (V2-style "
+                                                             "baseline, e.g. 0.01; default off)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: fp32 on CPU, bf16 autocast on GPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the loss computation")
+    g.add_argument("--eval-every", type=int, default=100, help="validation every N steps (0: start and end only)")
+    g.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0: all)")
+    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
+    g.add_argument("--samples", type=int, default=len(PROMPTS), help="completions printed at the end (+1 FIM)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    budget = [x for x in (a.tokens, a.steps) if x is not None]
+    if len(budget) > 1 or (not budget and a.max_minutes is None and not a.resume):
+        p.error("give exactly one of --tokens / --steps, or --max-minutes alone")
+    a.micro_batch = a.micro_batch or a.batch_size
+    if a.batch_start is None:
+        a.batch_start = max(a.micro_batch, round(a.batch_size * V3.V3_BATCH_START_RATIO))
+    for flag in ("batch_size", "micro_batch", "batch_start", "eval_batches", "max_nonfinite"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if a.batch_size % a.micro_batch:
+        p.error(f"--batch-size {a.batch_size} must be a multiple of --micro-batch {a.micro_batch}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    try:
+        return train(a, t_start)
+    except (DataError, ConfigError, CheckpointError, ValueError) as e:
+        raise SystemExit(f"nanoseek train: error: {e}") from None
+
+
+def train(a: argparse.Namespace, t_start: float) -> int:
+    ckpt_root = a.out / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_root) if a.resume else None
+    saved = None
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state" / "state.json").read_text())
+        given = vars(a)
+        a = argparse.Namespace(**{**saved["args"], **{k: given[k] for k in RESUMABLE_FLAGS}})
+        a.data, a.out, a.tokenizer = Path(a.data), Path(a.out), a.tokenizer and Path(a.tokenizer)
+    elif a.resume:
+        print(f"nanoseek train: no checkpoint in {ckpt_root} yet, starting from scratch", file=sys.stderr)
+    if a.tokens is None and a.steps is None and a.max_minutes is None:
+        raise ValueError("nothing to resume and no budget given (--tokens, --steps or --max-minutes)")
+
+    # --- device and precision ------------------------------------------------------------------
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if a.device == "auto" else a.device)
+    bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
+    amp = autocast or contextlib.nullcontext
+
+    # --- data and tokenizer: the shards, the tokenizer and the model must agree -------------------
+    train_shards = TokenShards(a.data, "train")
+    meta = train_shards.meta or {}
+    tok_dir = a.tokenizer or a.data / meta.get("tokenizer", {}).get("dir", "tokenizer")
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    want = meta.get("tokenizer", {}).get("sha256")
+    if want and tokenizer.fingerprint() != want:
+        raise DataError(f"tokenizer mismatch: {tok_dir} is not the tokenizer {a.data} was prepared with "
+                        f"(sha256 {tokenizer.fingerprint()[:12]}… vs {want[:12]}… in meta.json); use "
+                        f"{a.data / 'tokenizer'} or re-run nanoseek prepare")
+    if resume_from is not None and (resume_from / "tokenizer.json").exists():
+        if Tokenizer.from_dir(resume_from).fingerprint() != tokenizer.fingerprint():
+            raise DataError(f"tokenizer mismatch: checkpoint {resume_from} was trained with another tokenizer "
+                            f"than {tok_dir}")
+    seq_len = a.seq_len or meta.get("seq_len", 256)
+
+    # --- model ---------------------------------------------------------------------------------
+    if resume_from is not None:
+        model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=device)
+    else:
+        overrides = parse_overrides(a.overrides)
+        overrides.setdefault("vocab_size", tokenizer.vocab_size)
+        overrides.setdefault("bos_token_id", tokenizer.bos_id)
+        overrides.setdefault("eos_token_id", tokenizer.eos_id)
+        overrides.setdefault("torch_dtype", "bfloat16" if bf16 else "float32")
+        torch.manual_seed(a.seed)
+        model = Transformer(preset(a.preset, **overrides)).to(device)
+    model.train()
+    train_shards = TokenShards(a.data, "train", tokenizer_vocab_size=tokenizer.vocab_size,
+                               model_vocab_size=model.args.vocab_size)
+    val_shards = TokenShards(a.data, "val", tokenizer_vocab_size=tokenizer.vocab_size,
+                             model_vocab_size=model.args.vocab_size)
+    loader = BatchLoader(train_shards, a.micro_batch, seq_len, seed=a.seed)
+    has_mtp = a.mtp_lambda > 0 and len(model.mtp) > 0
+
+    # --- optimizer: weight decay on matrices only (norm gains stay undecayed, as in nanoGPT) ----------
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
+         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
+        lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda" or None)
+    loss_fn = torch.compile(training_loss) if a.compile else training_loss
+
+    # --- throughput ceiling and model FLOPs --------------------------------------------------------
+    peak = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    flops_tok = flops_per_token(model, seq_len, mtp=has_mtp)
+
+    # --- state: fresh or restored --------------------------------------------------------------------
+    log = JsonlLog(a.out / "metrics.jsonl")
+    if resume_from is not None:
+        state = load_trainer_state(resume_from, model, optimizer)
+        loader.load_state_dict(state["loader"])
+        step, tokens, total_tokens = state["step"], state["tokens"], state["total_tokens"]
+        nonfinite, elapsed_before = state["nonfinite"], state["train_seconds"]
+        log.truncate_after(step)  # lines a crashed run wrote after its last checkpoint are redone
+        print(f"resumed {resume_from} at step {step}, {tokens:,} tokens")
+    else:
+        log.truncate_after(-1)
+        step, tokens, nonfinite, elapsed_before = 0, 0, 0, 0.0
+        if a.tokens is not None:
+            total_tokens = a.tokens
+        elif a.steps is not None:
+            total_tokens = a.steps * a.batch_size * seq_len
+        else:
+            total_tokens = budget_from_minutes(a, model, seq_len, device, amp, t_start)
+    sched = Schedule(total_tokens=total_tokens, lr=a.lr, warmup_steps=a.warmup_steps, decay_start=a.decay_start,
+                     decay_end=a.decay_end, tail_switch=a.tail_switch, batch_size=a.batch_size,
+                     batch_start=a.batch_start, batch_ramp=a.batch_ramp, micro_batch=a.micro_batch,
+                     mtp_lambda=a.mtp_lambda, mtp_lambda_late=a.mtp_lambda_late, mtp_switch=a.mtp_switch,
+                     bias_gamma=a.bias_gamma, bias_freeze=a.bias_freeze)
+    print(f"model: {a.preset} {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M "
+          f"active), {len(model.mtp)} MTP module(s) | data: {train_shards.num_tokens:,} train tokens, seq_len "
+          f"{seq_len} | budget: {total_tokens:,} tokens | {device}, {'bf16 autocast' if bf16 else 'fp32'}, "
+          f"peak {peak / 1e9:.0f} GFLOP/s measured")
+
+    def run_eval() -> dict:
+        batches = eval_batches(val_shards, a.micro_batch, seq_len, max_batches=a.eval_batches)
+        loss, counts = evaluate(model, batches, autocast)
+        rec = {"kind": "val", "step": step, "tokens": tokens, "val_loss": loss,
+               "val_bpb": val_shards.bits_per_byte(loss) if val_shards.bytes_per_token else None,
+               "val_maxvio": max_vio(counts).tolist()}
+        log.write(rec)
+        return rec
+
+    def checkpoint() -> Path:
+        run_state = {"step": step, "tokens": tokens, "total_tokens": total_tokens, "nonfinite": nonfinite,
+                     "train_seconds": elapsed_before + train_seconds, "loader": loader.state_dict(),
+                     "schedule": dataclasses.asdict(sched),
+                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+        return save_checkpoint(ckpt_root, step, model, optimizer, run_state, tokenizer_dir=tok_dir,
+                               keep_last=a.keep_last)
+
+    # --- the loop --------------------------------------------------------------------------------------
+    if step == 0:
+        first = run_eval()
+        print(f"step 0: val loss {first['val_loss']:.4f}, {fmt_bpb(first['val_bpb'])}")
+    params = [p for _, p in named]
+    bar = tqdm(total=total_tokens, initial=tokens, unit="tok", unit_scale=True, disable=a.quiet,
+               dynamic_ncols=True, mininterval=1.0)
+    bad_streak, train_seconds, last_saved, interrupted, stop_reason = 0, 0.0, None, False, "done"
+    while tokens < total_tokens:
+        t0 = time.perf_counter()
+        batch = sched.batch_at(tokens)
+        lr, lam, gamma = sched.lr_at(step, tokens), sched.mtp_lambda_at(tokens), sched.gamma_at(tokens)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        accum = batch // a.micro_batch
+        ce = mtp = bal = 0.0
+        counts = None
+        for _ in range(accum):
+            inputs, targets = (t.to(device, non_blocking=True) for t in next(loader))
+            with amp():
+                parts = loss_fn(model, inputs, targets, lam if has_mtp else 0.0, a.seq_alpha, a.aux_alpha)
+            (parts.total / accum).backward()
+            ce, mtp, bal = ce + parts.ce.item() / accum, mtp + parts.mtp.item() / accum, bal + parts.balance.item() / accum
+            counts = parts.counts if counts is None else counts + parts.counts
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
+        skipped = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(grad_norm))
+        if skipped:  # no update, no bias move; the batch is consumed all the same
+            nonfinite, bad_streak = nonfinite + 1, bad_streak + 1
+        else:
+            optimizer.step()
+            if gamma > 0 and counts is not None and len(counts):
+                update_bias(model, counts, gamma)
+            bad_streak = 0
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        step, tokens = step + 1, tokens + batch * seq_len
+        tok_s = batch * seq_len / dt
+        rec = {"kind": "train", "step": step, "tokens": tokens, "loss": ce, "mtp_loss": mtp if has_mtp else None,
+               "balance_loss": bal, "lr": lr, "mtp_lambda": lam if has_mtp else 0.0, "bias_gamma": gamma,
+               "batch": batch, "grad_norm": grad_norm, "tok_per_s": tok_s, "mfu": tok_s * flops_tok / peak,
+               "skipped": skipped}
+        if counts is not None and len(counts):
+            rec["maxvio"] = max_vio(counts).tolist()
+            rec["load"] = (counts / counts.sum(-1, keepdim=True)).tolist()
+        log.write(rec)
+        bar.update(batch * seq_len)
+        bar.set_postfix_str(f"step {step} loss {ce:.3f} mfu {rec['mfu']:.1%}", refresh=False)
+
+        if bad_streak >= a.max_nonfinite:
+            bar.close()
+            raise SystemExit(f"nanoseek train: error: {bad_streak} non-finite steps in a row at step {step} "
+                             f"(lr {lr:.2e}); stopping. The last good checkpoint is {latest_checkpoint(ckpt_root)}")
+        if a.eval_every and step % a.eval_every == 0 and tokens < total_tokens:
+            r = run_eval()
+            bar.write(f"step {step}: val loss {r['val_loss']:.4f}, {fmt_bpb(r['val_bpb'])}, "
+                      f"val MaxVio {sum(r['val_maxvio']) / max(1, len(r['val_maxvio'])):.3f}")
+        if a.save_every and step % a.save_every == 0:
+            last_saved = step
+            checkpoint()
+        if a.stop_at is not None and step >= a.stop_at and tokens < total_tokens:
+            interrupted = True
+            break
+        if a.max_minutes is not None and time.perf_counter() - t_start > a.max_minutes * 60:
+            stop_reason = f"stopped at step {step}: --max-minutes {a.max_minutes} reached"
+            break
+    bar.close()
+    if last_saved != step:
+        checkpoint()
+    if interrupted:
+        print(f"stopped at step {step} (--stop-at); continue with --resume")
+        return 0
+
+    # --- final evaluation, samples, report --------------------------------------------------------------
+    final = run_eval()
+    records = read_jsonl(log.path)
+    first = next(r for r in records if r["kind"] == "val")
+    samples = show_samples(model, tokenizer, a.samples) if a.samples else []
+    train_recs = [r for r in records if r["kind"] == "train"]
+    tail = [r for r in train_recs[-max(1, len(train_recs) // 10):] if "maxvio" in r]
+    maxvio_batch = [sum(r["maxvio"][i] for r in tail) / len(tail) for i in range(len(tail[0]["maxvio"]))] if tail else []
+    seconds = elapsed_before + train_seconds
+    summary = {
+        "preset": a.preset, "params": model.num_params(), "active_params": model.num_params(active=True),
+        "steps": step, "tokens": tokens, "train_seconds": seconds, "tok_per_s": tokens / max(seconds, 1e-9),
+        "mfu": tokens / max(seconds, 1e-9) * flops_tok / peak, "peak_flops": peak, "flops_per_token": flops_tok,
+        "nonfinite_steps": nonfinite, "stop_reason": stop_reason,
+        "initial_val_loss": first["val_loss"], "initial_val_bpb": first["val_bpb"],
+        "final_val_loss": final["val_loss"], "final_val_bpb": final["val_bpb"],
+        "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
+        "maxvio_batch": maxvio_batch, "maxvio_batch_mean": sum(maxvio_batch) / max(1, len(maxvio_batch)),
+        "val_maxvio": final["val_maxvio"], "checkpoint": str(latest_checkpoint(ckpt_root)),
+    }
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["table"] = {
+        "model": f"{model.num_params() / 1e6:.2f}M params, {model.num_params(active=True) / 1e6:.2f}M active",
+        "trained": f"{step} steps, {tokens / 1e6:.2f}M tokens in {seconds / 60:.1f} min ({stop_reason})",
+        "throughput": f"{summary['tok_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} of a measured "
+                      f"{peak / 1e9:.0f} GFLOP/s",
+        "validation loss": f"{first['val_loss']:.3f} -> {final['val_loss']:.3f} nats/token",
+        "validation bits/byte": f"{fmt_bpb(first['val_bpb'], '')} -> {fmt_bpb(final['val_bpb'], '')}",
+        "MaxVio_batch (last 10% of steps)": ", ".join(f"{v:.3f}" for v in maxvio_batch) or "n/a",
+        "MaxVio on validation": ", ".join(f"{v:.3f}" for v in final["val_maxvio"]) or "n/a",
+        "non-finite steps skipped": str(nonfinite),
+        "checkpoint": summary["checkpoint"],
+    }
+    report = write_report(a.out, summary, plot_run(records, a.out), samples)
+    print(f"done: {stop_reason}; val loss {first['val_loss']:.4f} -> {final['val_loss']:.4f}, "
+          f"bits/byte {fmt_bpb(first['val_bpb'], '')} -> {fmt_bpb(final['val_bpb'], '')}; "
+          f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}; report: {report}")
+    return 0
+
+
+def budget_from_minutes(a, model, seq_len, device, amp, t_start) -> int:
+    """Turn --max-minutes into a token budget: time forward+backward on random tokens (the weights
+    are untouched: gradients are dropped), leave ~8% for evaluation and the optimizer."""
+    gen = torch.Generator().manual_seed(a.seed)
+    ids = torch.randint(0, model.args.vocab_size, (a.micro_batch, seq_len + 1), generator=gen).to(device)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with amp():
+            parts = training_loss(model, ids[:, :-1], ids[:, 1:], a.mtp_lambda, a.seq_alpha, a.aux_alpha)
+        parts.total.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    rate = a.micro_batch * seq_len / min(times[1:])
+    left = a.max_minutes * 60 - (time.perf_counter() - t_start)
+    total = int(rate * left * 0.92)
+    print(f"budget: {rate:,.0f} tokens/s measured -> {total:,} tokens in {left / 60:.1f} min")
+    return max(total, a.batch_size * seq_len)
+
+
+def show_samples(model, tokenizer, n) -> list[tuple[str, str]]:
+    """A few completions of code prompts and one fill-in-the-middle, printed and returned."""
+    stop = tuple(model.args.eos_token_ids)
+    out = []
+    for i, prompt in enumerate(PROMPTS[:n]):
+        new = sample(model, tokenizer.encode(prompt, add_bos=True), 48, stop_ids=stop, seed=i)
+        out.append((repr(prompt), prompt + tokenizer.decode(new, skip_special_tokens=True)))
+    if tokenizer.fim_begin_id is not None:
+        pre, suf = FIM_EXAMPLE
+        ids = ([tokenizer.bos_id, tokenizer.fim_begin_id] + tokenizer.encode(pre) + [tokenizer.fim_hole_id]
+               + tokenizer.encode(suf) + [tokenizer.fim_end_id])
+        middle = tokenizer.decode(sample(model, ids, 24, temperature=0, stop_ids=stop), skip_special_tokens=True)
+        out.append(("FIM (the middle generated between prefix and suffix)", pre + f"[[{middle}]]" + suf))
+    for title, text in out:
+        print(f"--- {title}\n{text}")
+    return out
+
+
+def fmt_bpb(bpb, unit=" bits/byte") -> str:
+    return "n/a" if bpb is None else f"{bpb:.3f}{unit}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Pre-training: schedules, balancing, losses, checkpoints and end-to-end `nanoseek train` runs on a
+tiny prepared corpus (a slice of the Python stdlib) with a model of a few thousand parameters."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanoseek.data import Tokenizer, train_bpe
+from nanoseek.model import Transformer, preset
+from nanoseek.stages import prepare
+from nanoseek.stages import train as train_stage
+from nanoseek.train.balance import balance_loss, expert_counts, max_vio, moe_gates, update_bias
+from nanoseek.train.loss import training_loss
+from nanoseek.train.metrics import read_jsonl
+from nanoseek.train.schedule import Schedule
+from nanoseek.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, first_k_dense_replace=1,
+             q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+             moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=2,
+             num_nextn_predict_layers=1, initializer_range=0.05)
+SETS = [f"--set={k}={json.dumps(v)}" for k, v in SMALL.items()]
+FAST = ["--batch-size", "4", "--batch-start", "4", "--eval-batches", "2", "--samples", "0", "--quiet",
+        "--warmup-steps", "5", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    prepare.main(["--out", str(out), "--max-bytes", "400000", "--vocab-size", "384", "--seq-len", "32",
+                  "--val-fraction", "0.1"])
+    return out
+
+
+def run(data, out, *flags):
+    return train_stage.main(["--data", str(data), "--out", str(out), *SETS, *FAST, *flags])
+
+
+def train_losses(out):
+    return [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
+# --- unit -----------------------------------------------------------------------------------------
+def test_schedule_has_v3_shape():
+    s = Schedule(total_tokens=1000, lr=1.0, warmup_steps=10, batch_size=16, batch_start=4, batch_ramp=0.1,
+                 micro_batch=4)
+    assert s.lr_at(0, 0) == pytest.approx(0.1) and s.lr_at(9, 50) == 1.0  # warm-up over steps
+    assert s.lr_at(100, 600) == 1.0  # constant until 10T/14.8T
+    assert 0.1 < s.lr_at(100, 800) < 1.0  # cosine
+    assert s.lr_at(100, 970) == pytest.approx(0.1) and s.lr_at(100, 995) == pytest.approx(7.3e-6 / 2.2e-4)
+    assert [s.batch_at(t) for t in (0, 50, 100, 900)] == [4, 8, 16, 16]  # ramp in whole micro-batches
+    assert s.mtp_lambda_at(0) == 0.3 and s.mtp_lambda_at(700) == 0.1
+    assert s.gamma_at(0) == 0.001 and s.gamma_at(990) == 0.0
+
+
+def test_balance_loss_is_one_when_balanced_and_has_gradient():
+    from nanoseek.model import Routing
+
+    E, K, B, T = 4, 2, 2, 4
+    # every token picks experts (0,1) or (2,3) alternately, scores uniform: f_i = 1, P_i = 1/E
+    idx = torch.tensor([[0, 1], [2, 3]] * (B * T // 2))
+    scores = torch.full((B * T, E), 0.5, requires_grad=True)
+    loss = balance_loss([Routing(idx, scores)], B, K)
+    assert loss.item() == pytest.approx(1.0)
+    loss.backward()
+    assert scores.grad is not None
+    # all tokens on experts 0 and 1 with high scores there: imbalanced, larger loss
+    skew = torch.tensor([[0.9, 0.9, 0.1, 0.1]]).repeat(B * T, 1)
+    assert balance_loss([Routing(torch.tensor([[0, 1]] * (B * T)), skew)], B, K).item() > 1.5
+    assert max_vio(torch.tensor([[10.0, 10, 10, 10], [40, 0, 0, 0]])).tolist() == [0.0, 3.0]
+
+
+def test_bias_update_moves_load_towards_balance():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **SMALL)).eval()
+    gates = moe_gates(model)
+    assert len(gates) == 2  # one main MoE layer + the MTP layer
+    for g in gates:  # start badly skewed: experts 0 and 1 take nearly every token
+        g.e_score_correction_bias.copy_(torch.tensor([0.3, 0.2, 0.0, 0.0]))
+    ids = torch.randint(0, model.args.vocab_size, (4, 32))
+
+    def counts():
+        with torch.no_grad():
+            return expert_counts(model.run(ids, mtp=True).routing, model.args.n_routed_experts)
+
+    before = max_vio(counts())
+    for _ in range(60):
+        update_bias(model, counts(), gamma=0.01)
+    after = max_vio(counts())
+    assert (after < before).all() and after.max() < 0.5 * before.min()
+    assert gates[0].e_score_correction_bias[0] < 0.3 - 0.1  # the overloaded expert was pushed down
+
+
+def test_training_loss_has_finite_mtp_term():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **SMALL))
+    ids = torch.randint(0, model.args.vocab_size, (2, 17))
+    parts = training_loss(model, ids[:, :-1], ids[:, 1:], mtp_lambda=0.3, seq_alpha=1e-4)
+    assert math.isfinite(parts.mtp.item()) and parts.mtp.item() > 0
+    assert parts.total.item() == pytest.approx(parts.ce.item() + 0.3 * parts.mtp.item() + parts.balance.item())
+    assert parts.counts.shape == (2, 4) and parts.counts.sum().item() == 2 * 2 * (16 + 15)
+    parts.total.backward()
+    assert all(p.grad is not None for p in model.mtp.parameters())
+
+
+def test_checkpoint_roundtrip_is_atomic_and_keeps_last(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **SMALL))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, model.args.vocab_size, (2, 9))
+    training_loss(model, ids[:, :-1], ids[:, 1:], 0.3).total.backward()
+    opt.step()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, opt, {"step": step}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000002", "step-000003"]
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.name == "step-000003"
+    loaded = Transformer.from_pretrained(ckpt)
+    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    assert load_trainer_state(ckpt, loaded, opt2)["step"] == 3
+    for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), n
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt2.state[q][key]), (n, key)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left behind
+
+
+# --- end to end -----------------------------------------------------------------------------------
+def test_train_loss_falls_and_reports(data, tmp_path):
+    assert run(data, tmp_path, "--steps", "40", "--eval-every", "20") == 0
+    losses = train_losses(tmp_path)
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    train = [r for r in recs if r["kind"] == "train"]
+    assert all(r["mtp_loss"] is not None and math.isfinite(r["mtp_loss"]) for r in train)
+    assert len(train[-1]["maxvio"]) == 2 and len(train[-1]["load"][0]) == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5
+    assert summary["final_val_bpb"] < summary["initial_val_bpb"]
+    assert (tmp_path / "report.md").exists() and (tmp_path / "loss.png").exists()
+    assert (tmp_path / "expert_load.png").exists() and (tmp_path / "maxvio.png").exists()
+
+
+def test_resume_gives_bitwise_identical_losses(data, tmp_path):
+    # a batch ramp, gradient accumulation, MTP, bias updates and the sequence loss all in play
+    flags = ["--steps", "12", "--batch-size", "4", "--micro-batch", "2", "--batch-start", "2", "--batch-ramp", "0.3",
+             "--eval-every", "5"]
+    assert run(data, tmp_path / "full", *flags) == 0
+    assert run(data, tmp_path / "split", *flags, "--stop-at", "5", "--save-every", "3") == 0
+    assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-000005"
+    assert run(data, tmp_path / "split", "--resume") == 0
+    full, split = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert len(full) > 12  # the ramp added steps
+    assert full == split  # exact float equality, step for step
+    a = Transformer.from_pretrained(latest_checkpoint(tmp_path / "full" / "checkpoints"))
+    b = Transformer.from_pretrained(latest_checkpoint(tmp_path / "split" / "checkpoints"))
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_checkpoint_loads_in_transformers(data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert run(data, tmp_path, "--steps", "3") == 0
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    ours = Transformer.from_pretrained(ckpt)
+    assert any(g.e_score_correction_bias.abs().sum() > 0 for g in moe_gates(ours))  # biases moved and were saved
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.args.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max().item() < 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    text = "def f(x):\n    return x + 1\n"
+    assert hf_tok.encode(text, add_special_tokens=False) == Tokenizer.from_dir(ckpt).encode(text)
+
+
+def test_mismatched_tokenizer_is_a_clear_error(data, tmp_path):
+    other = train_bpe(["completely different text " * 50, "another document here " * 50], vocab_size=300)
+    other.save(tmp_path / "other_tok")
+    with pytest.raises(SystemExit, match="tokenizer mismatch"):
+        run(data, tmp_path / "a", "--steps", "2", "--tokenizer", str(tmp_path / "other_tok"))
+    with pytest.raises(SystemExit, match="vocab mismatch"):
+        run(data, tmp_path / "b", "--steps", "2", "--set", "vocab_size=100")
