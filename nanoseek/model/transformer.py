@@ -75,13 +75,15 @@ class MTPModule(Block):
 @dataclass
 class Output:
     """logits [B, T, V] (None if not asked); hidden [B, T, hidden] after the final norm;
-    mtp_logits[k-1] [B, T-k, V] predicts targets[:, k:]; routing: one entry per MoE layer, main
-    layers first, then MTP layers."""
+    mtp_logits[k-1] [B, T-k, V] predicts targets[:, k:] (empty if logits not asked);
+    mtp_hidden[k-1] [B, T-k, hidden] the states it is computed from (after shared_head.norm);
+    routing: one entry per MoE layer, main layers first, then MTP layers."""
 
     logits: torch.Tensor | None
     hidden: torch.Tensor
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     routing: list[Routing] = field(default_factory=list)
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 class Transformer(nn.Module):
@@ -139,7 +141,8 @@ class Transformer(nn.Module):
         input_ids [B, T]; positions [B, T] absolute positions (default 0..T-1); cache: one
         (latent, rope) pair per main layer (extra entries for MTP layers are ignored here), written
         at `positions` (see MLA.forward); mtp: also run the MTP modules over this chunk (training);
-        logits=False skips the output head (callers that need only some positions).
+        logits=False skips the output head, for the main model and MTP (callers that need only
+        some positions, or a loss that fuses the head with the cross-entropy).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -162,7 +165,9 @@ class Transformer(nn.Module):
                 prev, r = module(prev[:, : T - k], emb, cos[:, : T - k], sin[:, : T - k], absorbed=absorbed)
                 if r is not None:
                     out.routing.append(r)
-                out.mtp_logits.append(self.lm_head(module.shared_head.norm(prev)))
+                out.mtp_hidden.append(module.shared_head.norm(prev))
+                if logits:
+                    out.mtp_logits.append(self.lm_head(out.mtp_hidden[-1]))
         return out
 
     def mtp_step(self, k: int, prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
