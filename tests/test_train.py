@@ -183,3 +183,19 @@ def test_mismatched_tokenizer_is_a_clear_error(data, tmp_path):
         run(data, tmp_path / "a", "--steps", "2", "--tokenizer", str(tmp_path / "other_tok"))
     with pytest.raises(SystemExit, match="vocab mismatch"):
         run(data, tmp_path / "b", "--steps", "2", "--set", "vocab_size=100")
+
+
+def test_linear_cross_entropy_matches_plain_loss_and_gradients():
+    from nanoseek.train.loss import linear_cross_entropy
+
+    h = torch.randn(700, 16, requires_grad=True)  # several chunks, the last one ragged
+    w = torch.randn(5000, 16).mul_(0.1).requires_grad_()
+    t = torch.randint(0, 5000, (700,))
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t)
+    (2 * ref).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    fused = linear_cross_entropy(h, w, t)
+    (2 * fused).backward()
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(h.grad, gh, atol=1e-7) and torch.allclose(w.grad, gw, atol=1e-7)

@@ -2,9 +2,15 @@
 
     L = CE(next token) + λ · mean_k CE_k(MTP depth k)  + α_seq · L_seq-balance + α_aux · L_aux
 
-`model.run(ids, mtp=True)` gives the main logits [B, T, V] (predict targets[:, :]) and, for each
-MTP depth k, logits [B, T-k, V] that predict targets[:, k:] (the token k+1 places ahead of each
-input). The balance terms come from the routers' affinities (see balance.py); α = 0 skips them.
+`model.run(ids, mtp=True, logits=False)` gives the final hidden states [B, T, D] (they predict
+targets[:, :]) and, for each MTP depth k, states [B, T-k, D] that predict targets[:, k:] (the token
+k+1 places ahead of each input). The balance terms come from the routers' affinities (see
+balance.py); α = 0 skips them.
+
+The output head and the cross-entropy are fused (`linear_cross_entropy`): logits are made a chunk
+of rows at a time and their gradient (softmax − one-hot) is taken on the spot, so the [B·T, V]
+logits, their log-softmax and its gradient never exist in full. On CPU the head + loss is then
+~2x faster (the chunk stays in cache) and the memory for it drops from O(B·T·V) to O(chunk·V).
 """
 
 from __future__ import annotations
@@ -17,6 +23,55 @@ import torch.nn.functional as F
 from nanoseek.model import Transformer
 
 from .balance import balance_loss, expert_counts
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_n CE(h_n · Wᵀ, t_n), gradients computed in the forward pass, chunk rows at a time."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        # Under autocast the matmuls run in its dtype (bf16 on GPU); softmax and sums stay fp32.
+        dev = h.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(cdt)
+            n = h.shape[0]
+            loss = torch.zeros((), device=h.device, dtype=torch.float32)
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+            for s in range(0, n, chunk):
+                hc, tc = h[s : s + chunk].to(cdt), targets[s : s + chunk]
+                logits = (hc @ w.T).float()
+                rows = torch.arange(len(tc), device=logits.device)
+                picked = logits[rows, tc]
+                peak = logits.amax(dim=-1, keepdim=True)
+                g = logits.sub_(peak).exp_()  # the softmax, built in place in the logits' memory
+                total = g.sum(dim=-1, keepdim=True)
+                loss += (total.log() + peak - picked[:, None]).sum()  # logsumexp - target logit
+                g.div_(total)
+                g[rows, tc] -= 1
+                g = g.div_(n).to(cdt)
+                grad_h[s : s + chunk] = g @ w
+                if cdt == torch.float32:
+                    grad_w.addmm_(g.T, hc)
+                else:
+                    grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ weightᵀ. h [N, D], weight [V, D], targets LongTensor[N].
+
+    Equal to F.cross_entropy(h @ weight.T, targets) (to float rounding), for training only: it does
+    the backward's work in the forward, so call it only when a backward follows."""
+    chunk = max(256, (1 << 21) // weight.shape[0])  # ~8 MB of fp32 logits per chunk
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 
 @dataclass
@@ -33,16 +88,17 @@ class LossParts:
 
 def training_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mtp_lambda: float,
                   seq_alpha: float = 0.0, aux_alpha: float = 0.0) -> LossParts:
-    """inputs, targets LongTensor[B, T] -> LossParts. CE in fp32 whatever the compute dtype."""
+    """inputs, targets LongTensor[B, T] -> LossParts (for training: it must be backpropagated)."""
     B = inputs.shape[0]
     use_mtp = mtp_lambda > 0 and len(model.mtp) > 0
-    out = model.run(inputs, mtp=use_mtp)
-    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+    out = model.run(inputs, mtp=use_mtp, logits=False)
+    head = model.lm_head.weight
+    ce = linear_cross_entropy(out.hidden.flatten(0, 1), head, targets.flatten())
     total = ce
     mtp = torch.zeros((), device=ce.device)
-    if out.mtp_logits:
-        mtp = torch.stack([F.cross_entropy(lg.float().flatten(0, 1), targets[:, k:].flatten())
-                           for k, lg in enumerate(out.mtp_logits, start=1)]).mean()
+    if out.mtp_hidden:
+        mtp = torch.stack([linear_cross_entropy(h.flatten(0, 1), head, targets[:, k:].flatten())
+                           for k, h in enumerate(out.mtp_hidden, start=1)]).mean()
         total = total + mtp_lambda * mtp
     balance = torch.zeros((), device=ce.device)
     top_k = model.args.num_experts_per_tok
