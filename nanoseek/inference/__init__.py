@@ -1,0 +1,15 @@
+"""Inference: a continuous-batching engine over MLA's latent cache, with MTP speculative decoding.
+
+    engine.py       Engine (add_request / step / cancel, generate, stream), StepEvent
+    cache.py        the preallocated latent cache (kv_lora_rank + rope values per token per layer)
+    sampling.py     SamplingParams, temperature / top-k / top-p / min-p, seeded draws, logprobs
+    speculative.py  drafting with the MTP modules and the verification rule
+    text.py         incremental detokenisation and stop strings
+    chat.py         chat prompts from the tokenizer's template, R1 reasoning / answer split
+"""
+
+from .chat import chat_prompt, split_reasoning
+from .engine import Engine, StepEvent
+from .sampling import SamplingParams
+
+__all__ = ["Engine", "SamplingParams", "StepEvent", "chat_prompt", "split_reasoning"]

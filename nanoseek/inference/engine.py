@@ -1,0 +1,440 @@
+"""The inference engine: continuous batching over a preallocated MLA latent cache.
+
+    engine = Engine(model, max_batch_size=8, max_seq_len=4096, tokenizer=tok)
+    outs = engine.generate([[0, 5, 9], [0, 7]], max_new_tokens=64)        # new ids per prompt
+    for ev in engine.stream(ids, max_new_tokens=64, temperature=0.7):   # StepEvents as they come
+        print(ev.text, end="")
+    rid = engine.add_request(ids, SamplingParams(...))                   # a server's loop:
+    events = engine.step()                                               # one token per request
+    engine.cancel(rid)
+
+A step first decodes one token for every running request (absorbed attention over the latent
+cache, batch rows 0..n-1, attending over the longest running sequence), drops the finished ones,
+then prefills the waiting requests into the freed rows and samples their first token from the
+prefill logits. So each request gets exactly one token per step (more with speculative decoding)
+and new requests join between decode steps. `generate` and `stream` drive the same `step`.
+
+Design choices, with the measurements behind them (the `small` preset, 2-core CPU, fp32):
+* Decode uses the absorbed path: per step it reads kv_lora_rank + rope values per cached token
+  and never re-expands the cache. Prefill uses the naive path (expand the chunk's latents to
+  per-head K/V and run SDPA): for a 4096-token prompt it is several times cheaper than absorbed,
+  which materialises [heads, T, S] scores in the 512-dim latent space.
+* Running requests occupy cache rows 0..n-1; a finished request's row is refilled by moving the
+  last row into it (a copy of that request's cached tokens, once). Every decode step then passes
+  plain slices of the cache to the model: no gather, no copy.
+* Prompts are prefilled in padded groups of similar length (padding writes positions past a
+  prompt's end, which decoding overwrites before any query can see them) and in chunks of at
+  most `prefill_chunk` tokens, which bounds memory on long prompts.
+* Shapes are static within a decode step (one token per row, a preallocated cache) and all
+  inputs are tensors, so the step can be wrapped by `torch.compile` (`compile=True`); the eager
+  path is the default because on CPU it measured as fast (see nanoseek/bench/decode.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from . import speculative as spec
+from .cache import LatentCache
+from .sampling import SamplingParams, logprobs, make_generator, sample
+from .text import TextStream
+
+# Prefill groups may be padded up to this factor of their real token count.
+PAD_SLACK = 1.25
+
+
+@dataclass
+class StepEvent:
+    """One generated token of one request.
+
+    text: the decoded text delta (needs a tokenizer; "" while text is held back because it may
+    be the start of a stop string or half a character; stop strings and special tokens are cut
+    out). logprob: raw-model log-probability of `token_id`, and top_logprobs: [(token_id,
+    logprob), ...] best first, when the request asked for logprobs (else None).
+    finish_reason: "stop" (EOS, a stop token id or a stop string) | "length" | None while running.
+    """
+
+    request_id: int
+    token_id: int
+    text: str
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    finished: bool
+    finish_reason: str | None
+
+
+class Request:
+    """One generation. `tokens` are the generated ids; the newest is not in the cache yet."""
+
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
+                 text: TextStream | None):
+        self.id, self.prompt, self.params = rid, prompt, params
+        self.generator = make_generator(params.seed)
+        self.stop_ids, self.text = stop_ids, text
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.hidden: torch.Tensor | None = None  # speculative: main hidden at positions pos-D-1 .. pos-1
+
+    @property
+    def pos(self) -> int:
+        """Position of the newest token = number of filled cache rows."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+    def token_at(self, position: int) -> int:
+        if position < 0:
+            return 0
+        if position < len(self.prompt):
+            return self.prompt[position]
+        return self.tokens[position - len(self.prompt)]
+
+
+class Engine:
+    """Batched generation for a `nanoseek.model.Transformer`.
+
+    max_batch_size: requests decoded together (cache rows); max_seq_len: prompt + new tokens of
+    one request (cache length); tokenizer: a `nanoseek.data.Tokenizer`, needed for stop strings
+    and text deltas; speculative: None or "mtp" (the mode `step` uses; `generate`/`stream` set
+    their own); absorbed: decode attention path (False re-expands the cache: for testing);
+    prefill_chunk: tokens per prefill forward; compile: wrap the decode forward in torch.compile.
+    """
+
+    def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, tokenizer=None,
+                 speculative: str | None = None, absorbed: bool = True, prefill_chunk: int = 2048,
+                 compile: bool = False):
+        args = model.args
+        if max_seq_len > args.max_position_embeddings:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context "
+                             f"(max_position_embeddings={args.max_position_embeddings})")
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ValueError("max_batch_size must be >= 1 and max_seq_len >= 2")
+        self.model = model.eval()
+        self.args, self.tokenizer = args, tokenizer
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.absorbed, self.prefill_chunk = absorbed, prefill_chunk
+        weight = model.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.depth = len(model.mtp)
+        # + depth rows: a speculative verify writes up to `depth` positions past the last token kept
+        self.cache = LatentCache(args, args.num_hidden_layers, max_batch_size, max_seq_len + self.depth,
+                                 self.dtype, self.device)
+        self.mtp_cache: LatentCache | None = None
+        self.eos_ids = set(args.eos_token_ids) | ({tokenizer.eos_id} if tokenizer is not None else set())
+        self.running: list[Request] = []  # index = cache row
+        self.waiting: deque[Request] = deque()
+        self._next_id = 0
+        self.speculative: str | None = None
+        self.set_speculative(speculative)
+        self._decode_logits = torch.compile(self._decode_forward, dynamic=True) if compile else self._decode_forward
+        self.reset_stats()
+
+    # --- public state ------------------------------------------------------------------------
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of main-model cache per token, all layers: layers × (kv_lora_rank + rope) × dtype size."""
+        return self.cache.bytes_per_token
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch_size - len(self.running) - len(self.waiting)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def reset_stats(self) -> None:
+        self._stats = dict(prompt_tokens=0, new_tokens=0, prefill_s=0.0, decode_s=0.0, decode_tokens=0,
+                           decode_steps=0, row_steps=0, drafted=0, accepted=0)
+
+    @property
+    def stats(self) -> dict:
+        """Counters since `reset_stats` (generate/stream reset them) and the rates derived from them:
+        tokens_per_s (all new tokens / prefill + decode time), decode_tokens_per_s,
+        prefill_tokens_per_s, tokens_per_row_step (tokens per request per decode step: 1 without
+        speculation) and, when speculative drafts were made, acceptance_rate (kept / drafted)."""
+        s = dict(self._stats)
+        s["tokens_per_s"] = s["new_tokens"] / max(s["prefill_s"] + s["decode_s"], 1e-9)
+        s["decode_tokens_per_s"] = s["decode_tokens"] / max(s["decode_s"], 1e-9)
+        s["prefill_tokens_per_s"] = s["prompt_tokens"] / max(s["prefill_s"], 1e-9)
+        s["tokens_per_row_step"] = s["decode_tokens"] / max(s["row_steps"], 1)
+        if s["drafted"]:
+            s["acceptance_rate"] = s["accepted"] / s["drafted"]
+        s["cache_bytes_per_token"] = self.cache_bytes_per_token
+        return s
+
+    def set_speculative(self, mode: str | None) -> None:
+        """None (plain decoding) or "mtp" (draft with the MTP modules). Only while idle."""
+        if mode not in (None, "mtp"):
+            raise ValueError(f"speculative must be None or 'mtp', got {mode!r}")
+        if mode == self.speculative:
+            return
+        if self.num_active:
+            raise RuntimeError("cannot change speculative decoding while requests are active")
+        if mode == "mtp":
+            if not self.depth:
+                raise ValueError("speculative='mtp' needs a checkpoint with MTP modules (num_nextn_predict_layers > 0)")
+            if self.mtp_cache is None:
+                self.mtp_cache = LatentCache(self.args, self.depth, self.max_batch_size, self.max_seq_len + self.depth,
+                                             self.dtype, self.device)
+        self.speculative = mode
+
+    # --- continuous batching ---------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
+        """Queue a request; it is prefilled at the next `step`. Returns its id.
+
+        ValueError if the prompt is empty or has ids outside the vocabulary, if prompt +
+        max_new_tokens exceeds max_seq_len, if stop strings are given without a tokenizer, or if
+        no slot is free (check `free_slots` first).
+        """
+        params = params or SamplingParams()
+        params.validate()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token (e.g. BOS)")
+        if min(prompt) < 0 or max(prompt) >= self.args.vocab_size:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.args.vocab_size})")
+        if len(prompt) + params.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds "
+                             f"max_seq_len={self.max_seq_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer (Engine(..., tokenizer=tok))")
+        if self.free_slots <= 0:
+            raise ValueError(f"no free slot: {self.max_batch_size} requests are active (check engine.free_slots)")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        req = Request(self._next_id, prompt, params, stop_ids, text)
+        self._next_id += 1
+        self.waiting.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request at once and free its slot. Returns False if it was not active."""
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                return True
+        for row, req in enumerate(self.running):
+            if req.id == request_id:
+                self._free_row(row)
+                return True
+        return False
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """Decode one token for every running request, then prefill the waiting ones (their first
+        token comes from the prefill). Finished requests free their slots before returning."""
+        events: list[StepEvent] = []
+        if self.running:
+            t0 = time.perf_counter()
+            new = self._decode_speculative() if self.speculative else self._decode()
+            self._stats["decode_s"] += time.perf_counter() - t0
+            self._stats["decode_tokens"] += len(new)
+            self._stats["decode_steps"] += 1
+            self._stats["row_steps"] += len(self.running)
+            events += new
+            self._drop_finished()
+        if self.waiting:
+            t0 = time.perf_counter()
+            reqs = list(self.waiting)
+            self.waiting.clear()
+            events += self._prefill(reqs)
+            self._stats["prefill_s"] += time.perf_counter() - t0
+            self._stats["prompt_tokens"] += sum(len(r.prompt) for r in reqs)
+            self._drop_finished()
+        self._stats["new_tokens"] += len(events)
+        return events
+
+    # --- one-call drivers ------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+                 stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
+                 ignore_eos: bool = False, speculative: str | None = None) -> list[list[int]]:
+        """Complete every prompt; returns the new ids of each (a stop token, when hit, is included).
+
+        Any number of prompts: they join as slots free up. Prompt i is seeded with seed + i (seed
+        None: from torch's global RNG). Needs an idle engine; stats are reset.
+        """
+        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 min_p=min_p, seed=None if seed is None else seed + i, stop=list(stop or []),
+                                 stop_token_ids=list(stop_token_ids or []), ignore_eos=ignore_eos)
+                  for i in range(len(prompts))]
+        outs: list[list[int]] = [[] for _ in prompts]
+        for index, ev in self._drive(prompts, params, speculative):
+            outs[index].append(ev.token_id)
+        return outs
+
+    def stream(self, prompt: list[int], params: SamplingParams | None = None, speculative: str | None = None,
+               **kwargs) -> Iterator[StepEvent]:
+        """Yield the StepEvents of one prompt as they are produced. `params` or SamplingParams fields
+        as keywords. Stopping the iteration early cancels the request."""
+        params = params or SamplingParams(**kwargs)
+        for _, ev in self._drive([prompt], [params], speculative):
+            yield ev
+
+    def _drive(self, prompts, params, speculative) -> Iterator[tuple[int, StepEvent]]:
+        if self.num_active:
+            raise RuntimeError("generate/stream need an idle engine; drive add_request/step yourself to share it")
+        for p, sp in zip(prompts, params):  # fail before anything runs
+            sp.validate()
+            if len(p) + sp.max_new_tokens > self.max_seq_len:
+                raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens={sp.max_new_tokens} exceeds "
+                                 f"max_seq_len={self.max_seq_len}")
+        previous = self.speculative
+        self.set_speculative(speculative)
+        self.reset_stats()
+        queue = deque(enumerate(zip(prompts, params)))
+        index: dict[int, int] = {}
+        try:
+            while queue or self.num_active:
+                while queue and self.free_slots:
+                    i, (prompt, sp) = queue.popleft()
+                    index[self.add_request(prompt, sp)] = i
+                for ev in self.step():
+                    yield index[ev.request_id], ev
+        finally:
+            for rid in index:
+                self.cancel(rid)
+            self.set_speculative(previous)
+
+    # --- decoding --------------------------------------------------------------------------------
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list, kv_len: int) -> torch.Tensor:
+        """ids, positions [n, 1] -> logits [n, V]."""
+        return self.model.run(ids, positions=positions, cache=cache, kv_len=kv_len, absorbed=self.absorbed).logits[:, -1]
+
+    def _decode(self) -> list[StepEvent]:
+        reqs = self.running
+        ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
+        positions = torch.tensor([[r.pos] for r in reqs], device=self.device)
+        logits = self._decode_logits(ids, positions, self.cache.rows(0, len(reqs)), max(r.pos for r in reqs) + 1)
+        return self._sample_and_append(reqs, logits)
+
+    def _decode_speculative(self) -> list[StepEvent]:
+        """Draft D tokens per request with the MTP modules, verify them in one main forward."""
+        reqs, n, D = self.running, len(self.running), self.depth
+        W = D + 1
+        newest = torch.tensor([r.pos for r in reqs], device=self.device)
+        positions = spec.window(newest, D)
+        tokens = torch.tensor([[r.token_at(p) for p in range(r.pos - W, r.pos + 1)] + [0] * D for r in reqs],
+                              device=self.device)  # positions newest-W .. newest+D
+        hidden = torch.stack([r.hidden for r in reqs])
+        drafts, qs = spec.draft(self.model, hidden, tokens, positions, newest, self.mtp_cache.rows(0, n), reqs)
+        verify_ids = tokens[:, W:]  # newest token, then the drafts
+        verify_pos = newest[:, None] + torch.arange(D + 1, device=self.device)
+        out = self.model.run(verify_ids, positions=verify_pos, cache=self.cache.rows(0, n),
+                             kv_len=int(newest.max()) + D + 1, absorbed=self.absorbed)
+        kept = spec.accept(out.logits, drafts, qs, reqs)
+        both = torch.cat([hidden, out.hidden], dim=1)  # main hidden at newest-W .. newest+D
+        events = []
+        for i, (req, toks) in enumerate(zip(reqs, kept)):
+            a = len(toks) - 1
+            self._stats["drafted"] += D
+            self._stats["accepted"] += a
+            req.hidden = both[i, a + 1 : a + 1 + W].clone()
+            lp, top = logprobs(out.logits[i, : len(toks)], torch.tensor(toks, device=self.device),
+                               [req.params] * len(toks))
+            for j, tok in enumerate(toks):
+                events.append(self._append(req, tok, lp[j], top[j]))
+                if req.finish_reason:
+                    break
+        return events
+
+    def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> list[StepEvent]:
+        params = [r.params for r in reqs]
+        ids = sample(logits, params, [r.generator for r in reqs])
+        lp, top = logprobs(logits, ids, params)
+        return [self._append(r, t, lp[i], top[i]) for i, (r, t) in enumerate(zip(reqs, ids.tolist()))]
+
+    def _append(self, req: Request, token: int, logprob, top) -> StepEvent:
+        """Record one new token: stop tokens, stop strings and the length limit end the request."""
+        req.tokens.append(token)
+        text, stop_string = "", False
+        if token in req.stop_ids:
+            req.finish_reason = "stop"
+        elif req.text is not None:
+            text, stop_string = req.text.push(token)
+            if stop_string:
+                req.finish_reason = "stop"
+        if req.finish_reason is None and len(req.tokens) >= req.params.max_new_tokens:
+            req.finish_reason = "length"
+        if req.finish_reason and req.text is not None and not stop_string:
+            text += req.text.flush()  # held-back text was not a stop string after all
+        return StepEvent(req.id, token, text, logprob, top, req.finish_reason is not None, req.finish_reason)
+
+    # --- prefill -------------------------------------------------------------------------------
+    def _prefill(self, reqs: list[Request]) -> list[StepEvent]:
+        events = []
+        for group in _groups(reqs):
+            row = len(self.running)
+            self.running.extend(group)
+            logits = self._prefill_group(group, row)
+            events += self._sample_and_append(group, logits)
+        return events
+
+    def _prefill_group(self, group: list[Request], row: int) -> torch.Tensor:
+        """Write the group's prompts into cache rows row.. and return logits [g, V] at each prompt's end."""
+        g, D = len(group), self.depth
+        lens = [len(r.prompt) for r in group]
+        L = max(lens)
+        ids = torch.zeros(g, L + D + 1, dtype=torch.long)  # padded; D+1 spare for the MTP's shifted inputs
+        for b, r in enumerate(group):
+            ids[b, : lens[b]] = torch.tensor(r.prompt)
+        ids = ids.to(self.device)
+        cache = self.cache.rows(row, row + g)
+        mtp_cache = self.mtp_cache.rows(row, row + g) if self.speculative else None
+        if self.speculative:  # the draft window of the first step: positions L_b-D-1 .. L_b-1
+            want = spec.window(torch.tensor(lens), D).tolist()
+            kept = [[None] * (D + 1) for _ in group]
+        last = [None] * g
+        chunk = max(1, self.prefill_chunk // g)
+        for s in range(0, L, chunk):
+            e = min(L, s + chunk)
+            positions = torch.arange(s, e, device=self.device).expand(g, e - s)
+            out = self.model.run(ids[:, s:e], positions=positions, cache=cache, kv_len=e, absorbed=False,
+                                 logits=False)
+            for b, n in enumerate(lens):
+                if s <= n - 1 < e:
+                    last[b] = out.hidden[b, n - 1 - s]
+            if self.speculative:
+                spec.prefill_mtp(self.model, out.hidden, ids, s, mtp_cache)
+                for b in range(g):
+                    for j, p in enumerate(want[b]):
+                        if s <= p < e:
+                            kept[b][j] = out.hidden[b, p - s]
+        if self.speculative:
+            for b, r in enumerate(group):
+                r.hidden = torch.stack(kept[b])
+        return self.model.lm_head(torch.stack(last))
+
+    def _drop_finished(self) -> None:
+        for row in range(len(self.running) - 1, -1, -1):
+            if self.running[row].finish_reason is not None:
+                self._free_row(row)
+
+    def _free_row(self, row: int) -> None:
+        """Remove the request in `row`; the last row moves into its place (rows stay 0..n-1)."""
+        last = len(self.running) - 1
+        if row != last:
+            moved = self.running[last]
+            self.cache.move(last, row, moved.pos)
+            if self.mtp_cache is not None and self.speculative:
+                self.mtp_cache.move(last, row, moved.pos)
+            self.running[row] = moved
+        self.running.pop()
+
+
+def _groups(reqs: list[Request]) -> list[list[Request]]:
+    """Split prompts into prefill groups of similar length (padding <= PAD_SLACK × real tokens)."""
+    groups: list[list[Request]] = []
+    for r in sorted(reqs, key=lambda r: -len(r.prompt)):
+        if groups:
+            group = groups[-1]
+            real = sum(len(x.prompt) for x in group) + len(r.prompt)
+            if (len(group) + 1) * len(group[0].prompt) <= PAD_SLACK * real:
+                group.append(r)
+                continue
+        groups.append([r])
+    return groups

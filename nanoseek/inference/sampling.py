@@ -1,0 +1,157 @@
+"""From logits to tokens: the per-request sampling parameters, the truncations and the draw.
+
+Design choices:
+
+* **One uniform number per draw, from the request's own generator.** A draw is inverse-CDF
+  sampling: `u ~ U[0, 1)` from the request's `torch.Generator`, then the first token whose
+  cumulative probability exceeds `u`. A seeded request therefore consumes its random stream the
+  same way whatever else is in the batch, so its output does not depend on its neighbours. (The
+  Gumbel/exponential trick gpt-fast uses needs V random numbers per row; one is enough here.)
+* **Truncations in a fixed, documented order**: temperature → top-k → top-p (on the top-k set,
+  renormalised) → min-p (relative to the most likely token). They produce a full probability
+  vector, so the same function feeds both plain sampling and the speculative acceptance rule,
+  which needs p and q as distributions.
+* **temperature 0 is greedy** (argmax of the raw logits), as in the OpenAI API.
+* **Logprobs are of the raw model distribution** (log-softmax before temperature and truncation),
+  as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded.
+
+    max_new_tokens: generated tokens at most (the stop token counts);
+    temperature: 0 = greedy; top_p: nucleus mass (1 = off); top_k: keep the k most likely (0 = off);
+    min_p: drop tokens below min_p × p(most likely) (0 = off);
+    seed: seeds this request's own generator (None: drawn from torch's global RNG, so
+    `torch.manual_seed` still makes a run reproducible);
+    stop: strings that end generation (need a tokenizer; cut out of the text);
+    stop_token_ids: extra ids that end generation like EOS; ignore_eos: do not stop on EOS;
+    logprobs: None, or how many top alternatives to report per token (0 = the chosen token only).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+             "logprobs must be None or an integer >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for one request; seed None draws one from torch's global RNG."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    return torch.Generator().manual_seed(seed)
+
+
+def uniforms(generators: list[torch.Generator], device) -> torch.Tensor:
+    """One U[0, 1) draw per generator -> float64 [n] on `device`."""
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    return u.to(device)
+
+
+def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [n, V] -> the sampling distribution [n, V] (fp32, rows sum to 1) of each row's params.
+
+    Rows must not be greedy (temperature > 0). Truncated tokens get probability exactly 0.
+    """
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    probs = (logits.float() / temperature[:, None]).softmax(dim=-1)
+    if all(p.top_k == 0 and p.top_p >= 1 and p.min_p == 0 for p in params):
+        return probs
+    V = probs.shape[-1]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=device)
+    sorted_p = sorted_p * (rank < top_k[:, None])
+    # top-p: keep a token while the mass strictly before it is below top_p (so at least one stays)
+    before = sorted_p.cumsum(dim=-1) - sorted_p
+    sorted_p = sorted_p * (before < top_p[:, None] * sorted_p.sum(dim=-1, keepdim=True))
+    sorted_p = sorted_p * (sorted_p >= min_p[:, None] * sorted_p[:, :1])
+    sorted_p = sorted_p / sorted_p.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling. probs [n, V] (rows need not be normalised), u [n] in [0, 1) -> ids [n]."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u.double() * cdf[:, -1])[:, None]
+    ids = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    # u·total can round up to total itself; never return a zero-probability token for it.
+    zero = probs.gather(-1, ids[:, None]).squeeze(-1) <= 0
+    if bool(zero.any()):
+        ids = torch.where(zero, probs.argmax(dim=-1), ids)
+    return ids
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """logits [n, V] -> token ids [n]: argmax for greedy rows, a draw from `probabilities` otherwise."""
+    ids = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        probs = probabilities(logits[index], [params[i] for i in rows])
+        ids[index] = draw(probs, uniforms([generators[i] for i in rows], logits.device))
+    return ids
+
+
+def logprobs(logits: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams]
+             ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    """Raw-model logprobs of the chosen ids [n] and each row's top-`params.logprobs` alternatives.
+
+    Returns (chosen: float or None per row, top: [(token_id, logprob), ...] best first, or None per
+    row). Rows with `logprobs=None` get None and cost nothing.
+    """
+    n = len(params)
+    chosen: list[float | None] = [None] * n
+    top: list[list[tuple[int, float]] | None] = [None] * n
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return chosen, top
+    index = torch.tensor(rows, device=logits.device)
+    logp = logits[index].float().log_softmax(dim=-1)
+    picked = logp.gather(-1, ids[index][:, None]).squeeze(-1).tolist()
+    k = max(params[i].logprobs for i in rows)
+    best = logp.topk(k, dim=-1) if k > 0 else None
+    for j, i in enumerate(rows):
+        chosen[i] = picked[j]
+        n_top = params[i].logprobs
+        top[i] = [] if best is None else list(zip(best.indices[j, :n_top].tolist(), best.values[j, :n_top].tolist()))
+    return chosen, top

@@ -1,0 +1,247 @@
+"""Generate with a checkpoint: one prompt, a file of prompts, or an interactive chat.
+
+    nanoseek generate --model runs/tiny/checkpoints/latest --prompt "def fib(n):" --no-chat
+    nanoseek generate --model DIR --input-file prompts.txt --output completions.jsonl
+    nanoseek generate --model DIR --interactive              # /clear resets, /exit quits
+    nanoseek generate --model DIR --prompt "2+2?" --temperature 0 --speculative mtp
+
+Modelled on DeepSeek-V3's inference/generate.py: prompts go through the tokenizer's chat template
+by default (--no-chat for raw completion, --think to open an R1-style reasoning block), temperature
+0.2, 200 new tokens. --prompt and --interactive stream tokens as they are produced; --input-file
+(one prompt per line, blank lines skipped) runs them through the engine's continuous batching and
+writes one JSON object per prompt, in input order, to --output (default stdout):
+{"prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason"}.
+
+The tokenizer is looked up in --tokenizer, the model directory, or MODEL/tokenizer. A model with
+no tokenizer, an empty or unreadable input file, a prompt that does not fit the model's context
+(max_position_embeddings) or a bad flag end with one line on stderr and exit status 2. A prompt
+that fits but leaves less room than --max-new-tokens gets what room there is (noted on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from nanoseek.inference import Engine, SamplingParams, chat_prompt
+
+# --interactive has no prompts to size the cache from; cap it here unless --max-seq-len says otherwise.
+INTERACTIVE_MAX_SEQ_LEN = 8192
+
+
+class GenerateError(Exception):
+    """A problem with the inputs, reported as one line and exit status 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nanoseek generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="HF-layout model directory")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model's)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="complete one prompt and print the completion as it streams")
+    mode.add_argument("--input-file", type=Path, help="one prompt per line; writes JSONL")
+    mode.add_argument("--interactive", action="store_true", help="chat loop (/clear, /exit)")
+    p.add_argument("--output", type=Path, help="JSONL output for --input-file (default: stdout)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="format prompts with the tokenizer's chat template (default on)")
+    p.add_argument("--think", action="store_true", help="open the reply with <think> (R1 style)")
+    p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
+    p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (--input-file)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="cache length per request (default: what the prompts need, or "
+                        f"{INTERACTIVE_MAX_SEQ_LEN} for --interactive; at most the model's context)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        if a.max_new_tokens < 1 or a.batch_size < 1:
+            raise GenerateError("--max-new-tokens and --batch-size must be >= 1")
+        model, tokenizer = load(a)
+        if a.interactive:
+            return interactive(a, model, tokenizer)
+        if a.prompt is not None:
+            return one_prompt(a, model, tokenizer)
+        return input_file(a, model, tokenizer)
+    except GenerateError as e:
+        print(f"nanoseek generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def load(a):
+    from nanoseek.checkpoint import CheckpointError
+    from nanoseek.data import DataError, Tokenizer
+    from nanoseek.model import ConfigError, Transformer
+
+    candidates = [a.tokenizer] if a.tokenizer else [a.model, a.model / "tokenizer"]
+    tok_dir = next((d for d in candidates if (d / "tokenizer.json").is_file()), None)
+    if tok_dir is None:
+        raise GenerateError(f"no tokenizer.json in {' or '.join(map(str, candidates))}; pass --tokenizer DIR "
+                            f"or copy one next to the model (nanoseek init --tokenizer DIR)")
+    try:
+        tokenizer = Tokenizer.from_dir(tok_dir)
+        model = Transformer.from_pretrained(a.model, device=a.device)
+    except (CheckpointError, ConfigError, DataError, OSError) as e:
+        raise GenerateError(str(e)) from None
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise GenerateError(f"the tokenizer in {tok_dir} has {tokenizer.vocab_size} ids but the model's "
+                            f"vocab_size is {model.args.vocab_size}")
+    if a.speculative and not len(model.mtp):
+        raise GenerateError(f"--speculative mtp needs MTP modules; {a.model} has none (num_nextn_predict_layers=0)")
+    return model, tokenizer
+
+
+def encode(a, tokenizer, messages_or_text) -> list[int]:
+    if a.chat:
+        messages = messages_or_text if isinstance(messages_or_text, list) else [
+            {"role": "user", "content": messages_or_text}]
+        return chat_prompt(tokenizer, messages, think=a.think)
+    return tokenizer.encode(messages_or_text, add_bos=True)
+
+
+def fit(a, n_prompt: int, context: int, where: str) -> int:
+    """New tokens a prompt of n_prompt tokens gets within `context`; GenerateError if none fit."""
+    if n_prompt >= context:
+        raise GenerateError(f"{where} is {n_prompt} tokens but the model's context is {context} tokens "
+                            f"(max_position_embeddings); shorten it")
+    if n_prompt + a.max_new_tokens > context:
+        print(f"note: {where} leaves room for {context - n_prompt} new tokens, not {a.max_new_tokens}",
+              file=sys.stderr)
+    return min(a.max_new_tokens, context - n_prompt)
+
+
+def params(a, max_new_tokens: int, index: int = 0) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          min_p=a.min_p, seed=None if a.seed is None else a.seed + index, stop=list(a.stop))
+
+
+def context_of(a, model) -> int:
+    context = model.args.max_position_embeddings
+    return min(context, a.max_seq_len) if a.max_seq_len else context
+
+
+def report(engine) -> None:
+    s = engine.stats
+    line = (f"[{s['new_tokens']} tokens in {s['prefill_s'] + s['decode_s']:.2f}s: prefill "
+            f"{s['prefill_tokens_per_s']:.0f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s")
+    if "acceptance_rate" in s:
+        line += f", MTP acceptance {s['acceptance_rate']:.0%}"
+    print(line + "]", file=sys.stderr)
+
+
+def make_engine(a, model, tokenizer, batch: int, max_seq_len: int) -> Engine:
+    try:
+        return Engine(model, max_batch_size=batch, max_seq_len=max_seq_len, tokenizer=tokenizer,
+                      speculative=a.speculative)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+
+
+def one_prompt(a, model, tokenizer) -> int:
+    context = context_of(a, model)
+    ids = encode(a, tokenizer, a.prompt)
+    n_new = fit(a, len(ids), context, "the prompt")
+    engine = make_engine(a, model, tokenizer, 1, len(ids) + n_new)
+    for ev in engine.stream(ids, params(a, n_new), speculative=a.speculative):
+        print(ev.text, end="", flush=True)
+    print()
+    report(engine)
+    return 0
+
+
+def input_file(a, model, tokenizer) -> int:
+    try:
+        lines = a.input_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerateError(f"cannot read --input-file {a.input_file}: {e}") from None
+    prompts = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not prompts:
+        raise GenerateError(f"--input-file {a.input_file} has no prompts (one per line)")
+    context = context_of(a, model)
+    ids = [encode(a, tokenizer, text) for _, text in prompts]
+    budgets = [fit(a, len(x), context, f"the prompt on line {n} of {a.input_file}") for x, (n, _) in zip(ids, prompts)]
+    max_seq_len = max(len(x) + b for x, b in zip(ids, budgets))
+    engine = make_engine(a, model, tokenizer, min(a.batch_size, len(ids)), max_seq_len)
+    results = complete_all(engine, ids, [params(a, b, i) for i, b in enumerate(budgets)])
+    out = a.output.open("w", encoding="utf-8") if a.output else sys.stdout
+    try:
+        for (_, text), x, (tokens, completion, reason) in zip(prompts, ids, results):
+            row = dict(prompt=text, completion=completion, prompt_tokens=len(x), completion_tokens=len(tokens),
+                       finish_reason=reason)
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if a.output:
+            out.close()
+    report(engine)
+    return 0
+
+
+def complete_all(engine: Engine, prompts: list[list[int]], params_list: list[SamplingParams]):
+    """Continuous batching by hand: requests join as slots free up.
+    Returns per prompt (token ids, text, finish_reason)."""
+    engine.reset_stats()
+    todo = list(range(len(prompts)))[::-1]
+    index, tokens, texts, reasons = {}, [[] for _ in prompts], ["" for _ in prompts], [None] * len(prompts)
+    while todo or engine.num_active:
+        while todo and engine.free_slots:
+            i = todo.pop()
+            index[engine.add_request(prompts[i], params_list[i])] = i
+        for ev in engine.step():
+            i = index[ev.request_id]
+            tokens[i].append(ev.token_id)
+            texts[i] += ev.text
+            if ev.finished:
+                reasons[i] = ev.finish_reason
+    return list(zip(tokens, texts, reasons))
+
+
+def interactive(a, model, tokenizer) -> int:
+    max_seq_len = context_of(a, model) if a.max_seq_len else min(model.args.max_position_embeddings,
+                                                                  INTERACTIVE_MAX_SEQ_LEN)
+    engine = make_engine(a, model, tokenizer, 1, max_seq_len)
+    print("nanoseek chat: /clear starts over, /exit quits", file=sys.stderr)
+    messages: list[dict] = []
+    turn = 0
+    while True:
+        print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            return 0
+        if line == "/clear":
+            messages = []
+            print("(conversation cleared)")
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = encode(a, tokenizer, messages if a.chat else line)
+        if len(ids) >= max_seq_len:
+            print(f"error: the conversation is {len(ids)} tokens, more than the {max_seq_len}-token context; "
+                  f"/clear to start over", file=sys.stderr)
+            messages.pop()
+            continue
+        n_new = min(a.max_new_tokens, max_seq_len - len(ids))
+        reply = ""
+        for ev in engine.stream(ids, params(a, n_new, turn), speculative=a.speculative):
+            print(ev.text, end="", flush=True)
+            reply += ev.text
+        print()
+        messages.append({"role": "assistant", "content": reply})
+        turn += 1

@@ -1,0 +1,378 @@
+"""The inference engine on tiny random models: cached decoding against the full forward, absorbed
+against naive, continuous batching, seeds, MTP speculative decoding (greedy identity, MTP cache
+upkeep, the sampling distribution), stop conditions, text streaming and chat helpers."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.data import train_bpe
+from nanoseek.inference import Engine, SamplingParams, chat_prompt, split_reasoning
+from nanoseek.inference import speculative as spec
+from nanoseek.inference.sampling import draw, probabilities
+from nanoseek.inference.text import TextStream
+from nanoseek.model import Transformer, preset
+
+PROMPTS = [[5, 17, 99], [0] + list(range(40, 50)), [0] + list(range(60, 69)), [7], [3, 1000, 2000, 3000, 12]]
+
+
+def tiny(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(preset("tiny", max_position_embeddings=256, **overrides)).eval()
+
+
+def agreeable(depth: int) -> Transformer:
+    """A tiny model whose MTP modules often agree with it: a large embedding makes the main model
+    nearly a bigram model, and each MTP module's eh_proj passes the next token's embedding through."""
+    model = tiny(num_nextn_predict_layers=depth)
+    H = model.args.hidden_size
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(3.0)
+        for module in model.mtp:
+            module.eh_proj.weight.zero_()
+            module.eh_proj.weight[:, :H] = torch.eye(H)
+    return model
+
+
+@torch.no_grad()
+def reference(model, prompt, n, temperature=0.0):
+    """Uncached greedy decoding with the full forward: (tokens, log-softmax rows [n, V])."""
+    ids, logps = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1]
+        logps.append(logits.log_softmax(-1))
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):], torch.stack(logps)
+
+
+def run_all(engine, prompts, params):
+    """Drive add_request/step until done; returns per prompt the list of its StepEvents."""
+    events = {}
+    order = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    while engine.num_active:
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    return [events[r] for r in order]
+
+
+# --- cached decoding ---------------------------------------------------------------------------
+@pytest.mark.parametrize("absorbed", [True, False])
+def test_cached_decode_matches_full_forward(absorbed):
+    """Mixed prompt lengths in one batch (padded prefill groups and a lone one): greedy tokens equal
+    the uncached forward's and the logits (as log-softmax, top 8) agree at every step."""
+    model = tiny()
+    engine = Engine(model, max_batch_size=5, max_seq_len=64, absorbed=absorbed)
+    n = 12
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=8) for _ in PROMPTS]
+    for prompt, events in zip(PROMPTS, run_all(engine, PROMPTS, params)):
+        tokens, logps = reference(model, prompt, n)
+        assert [ev.token_id for ev in events] == tokens
+        for step, ev in enumerate(events):
+            ids = [t for t, _ in ev.top_logprobs]
+            got = torch.tensor([lp for _, lp in ev.top_logprobs])
+            assert ids == logps[step].topk(8).indices.tolist()
+            torch.testing.assert_close(got, logps[step][ids], atol=2e-5, rtol=1e-5)
+            assert ev.logprob == pytest.approx(float(logps[step][tokens[step]]), abs=2e-5)
+        assert events[-1].finish_reason == "length" and not any(ev.finished for ev in events[:-1])
+
+
+def test_absorbed_equals_naive_decode():
+    model = tiny(1)
+    outs = {}
+    for absorbed in (True, False):
+        engine = Engine(model, max_batch_size=4, max_seq_len=64, absorbed=absorbed)
+        params = [SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=4) for _ in PROMPTS[:4]]
+        outs[absorbed] = run_all(engine, PROMPTS[:4], params)
+    for a, b in zip(outs[True], outs[False]):
+        assert [e.token_id for e in a] == [e.token_id for e in b]
+        for ea, eb in zip(a, b):
+            assert ea.logprob == pytest.approx(eb.logprob, abs=1e-5)
+
+
+def test_continuous_batching_join_finish_cancel():
+    """Requests of different lengths finish at different steps (rows are compacted), new ones join
+    between steps, a cancelled one frees its slot at once: every survivor still equals its
+    single-sequence reference."""
+    model = tiny(2)
+    engine = Engine(model, max_batch_size=3, max_seq_len=64)
+    lengths = {0: 3, 1: 9, 2: 6, 3: 5, 4: 7}
+    rid = {}
+    for i in (0, 1, 2):
+        rid[engine.add_request(PROMPTS[i], SamplingParams(max_new_tokens=lengths[i], ignore_eos=True))] = i
+    assert engine.free_slots == 0 and engine.num_active == 3
+    with pytest.raises(ValueError, match="no free slot"):
+        engine.add_request([1, 2], SamplingParams(max_new_tokens=4))
+    got: dict[int, list[int]] = {}
+    finished = []
+    steps = 0
+    while engine.num_active:
+        for ev in engine.step():
+            got.setdefault(rid[ev.request_id], []).append(ev.token_id)
+            if ev.finished:
+                finished.append(rid[ev.request_id])
+        steps += 1
+        if steps == 2:  # cancel the middle row while it runs
+            cancelled = next(r for r, i in rid.items() if i == 1)
+            assert engine.cancel(cancelled) and not engine.cancel(cancelled)
+            assert engine.free_slots == 1
+            rid[engine.add_request(PROMPTS[3], SamplingParams(max_new_tokens=lengths[3], ignore_eos=True))] = 3
+        if steps == 4:
+            rid[engine.add_request(PROMPTS[4], SamplingParams(max_new_tokens=lengths[4], ignore_eos=True))] = 4
+    assert 1 not in finished and sorted(finished) == [0, 2, 3, 4]
+    for i in (0, 2, 3, 4):
+        assert got[i] == reference(model, PROMPTS[i], lengths[i])[0], i
+    assert engine.free_slots == 3 and engine.num_active == 0
+
+
+def test_generate_more_prompts_than_slots_and_stream():
+    model = tiny(3)
+    engine = Engine(model, max_batch_size=2, max_seq_len=64)
+    outs = engine.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)
+    assert outs == [reference(model, p, 6)[0] for p in PROMPTS]
+    stats = engine.stats
+    assert stats["new_tokens"] == 30 and stats["tokens_per_s"] > 0
+    events = list(engine.stream(PROMPTS[0], max_new_tokens=6, ignore_eos=True))
+    assert [e.token_id for e in events] == outs[0]
+    stream = engine.stream(PROMPTS[1], max_new_tokens=6, ignore_eos=True)
+    next(stream)
+    stream.close()  # stopping early cancels the request
+    assert engine.num_active == 0
+
+
+def test_cache_holds_only_the_latent_and_rope_key():
+    model = tiny()
+    args = model.args
+    engine = Engine(model, max_batch_size=2, max_seq_len=32)
+    want = args.num_hidden_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * 4
+    assert engine.cache_bytes_per_token == want == engine.stats["cache_bytes_per_token"]
+    rows = engine.cache.max_batch * engine.cache.max_len
+    assert engine.cache.nbytes == want * rows
+    assert [tuple(t.shape[2:]) for t in engine.cache.layers[0]] == [(args.kv_lora_rank,), (args.qk_rope_head_dim,)]
+
+
+# --- sampling --------------------------------------------------------------------------------
+def test_truncations():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    p = lambda **kw: probabilities(logits, [SamplingParams(temperature=1.0, **kw)])[0]
+    torch.testing.assert_close(p(), logits.softmax(-1)[0])
+    torch.testing.assert_close(p(top_k=2), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
+    torch.testing.assert_close(p(top_p=0.7), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))  # 0.5 < 0.7 <= 0.7
+    torch.testing.assert_close(p(top_p=0.71), torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    torch.testing.assert_close(p(min_p=0.35), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
+    torch.testing.assert_close(p(top_k=3, top_p=0.8), torch.tensor([0.5, 0.2, 0, 0, 0]) / 0.7)
+    hot = probabilities(logits, [SamplingParams(temperature=2.0)])[0]
+    torch.testing.assert_close(hot, (logits / 2).softmax(-1)[0])
+
+
+def test_draw_matches_probabilities():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    ids = draw(probs, torch.rand(20000, generator=g, dtype=torch.float64))
+    freq = torch.bincount(ids, minlength=4) / 20000
+    assert freq[1] == 0
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+
+
+def test_seeds_reproduce_and_ignore_batch_neighbours():
+    model = tiny(4)
+    engine = Engine(model, max_batch_size=4, max_seq_len=64)
+    sp = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], seed=7, **sp)[0]
+    again = engine.generate([PROMPTS[0]], seed=7, **sp)[0]
+    # the same request (seed 7) as the third of a batch: seed + index = 7
+    crowd = engine.generate([PROMPTS[1], PROMPTS[2], PROMPTS[0], PROMPTS[3]], seed=5, **sp)[2]
+    other = engine.generate([PROMPTS[0]], seed=8, **sp)[0]
+    assert alone == again == crowd
+    assert alone != other
+    torch.manual_seed(123)
+    a = engine.generate([PROMPTS[0]], **sp)[0]
+    torch.manual_seed(123)
+    assert engine.generate([PROMPTS[0]], **sp)[0] == a  # seed=None follows torch's global RNG
+
+
+# --- MTP speculative decoding ----------------------------------------------------------------------
+@pytest.mark.parametrize("depth", [1, 2])
+def test_speculative_greedy_is_plain_greedy(depth):
+    model = agreeable(depth)
+    engine = Engine(model, max_batch_size=3, max_seq_len=96)
+    lengths = [30, 12, 25, 40, 18]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    plain = [[e.token_id for e in evs] for evs in run_all(engine, PROMPTS[:3], params[:3])]
+    engine.set_speculative("mtp")
+    fast = [[e.token_id for e in evs] for evs in run_all(engine, PROMPTS[:3], params[:3])]
+    assert fast == plain
+    stats = engine.stats
+    assert 0.2 < stats["acceptance_rate"] < 1 and stats["tokens_per_row_step"] > 1.1
+    # generate with more prompts than slots: requests join and leave mid-run
+    outs = engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True, speculative="mtp")
+    assert outs == engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
+
+
+def test_speculative_drafts_equal_uncached_mtp(monkeypatch):
+    """The MTP caches are kept right across accepted and rejected drafts: every draft equals the
+    argmax of the uncached MTP forward over the committed tokens (plus the earlier drafts)."""
+    model = agreeable(2)
+    engine = Engine(model, max_batch_size=2, max_seq_len=96, speculative="mtp")
+    checked = []
+    real_draft = spec.draft
+
+    def checking_draft(model_, prev, tokens, positions, newest, mtp_cache, reqs):
+        drafts, qs = real_draft(model_, prev, tokens, positions, newest, mtp_cache, reqs)
+        for req, d in zip(reqs, drafts.tolist()):
+            seq = req.prompt + req.tokens
+            M = len(seq) - 1
+            for k in (1, 2):
+                out = model.run(torch.tensor([seq + d[: k - 1]]), mtp=True)
+                assert int(out.mtp_logits[k - 1][0, M - 1].argmax()) == d[k - 1]
+                checked.append(k)
+        return drafts, qs
+
+    monkeypatch.setattr(spec, "draft", checking_draft)
+    params = [SamplingParams(max_new_tokens=25, ignore_eos=True) for _ in range(2)]
+    run_all(engine, [PROMPTS[1], PROMPTS[4]], params)
+    assert engine.stats["accepted"] > 5 and len(checked) > 40
+
+
+def _chi2_critical(dof: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty upper quantile of chi-square (z = 3.09: p = 0.001)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@torch.no_grad()
+def test_speculative_sampling_keeps_the_distribution():
+    """On an 8-token vocabulary, the joint law of the 2nd and 3rd sampled tokens (produced by
+    draft acceptance, rejection + residual, or the bonus token) equals plain sampling's, computed
+    exactly from the model; a chi-square test at p = 0.001 with fixed seeds."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=8, initializer_range=0.1, num_nextn_predict_layers=2,
+                               max_position_embeddings=32)).eval()
+    sp = SamplingParams(temperature=0.9, top_k=6, max_new_tokens=3, ignore_eos=True)
+    prompt = [3, 1, 4]
+    V = 8
+    # exact: P(t2=a, t3=b) = sum_t1 P(t1) P(a | t1) P(b | t1, a)
+    seqs = torch.tensor([prompt + [t1, a] for t1 in range(V) for a in range(V)])
+    logits = model(seqs)[:, -3:]
+    p = probabilities(logits.reshape(-1, V), [sp] * logits.shape[0] * 3).view(V, V, 3, V)
+    p1, p2, p3 = p[0, 0, 0], p[:, 0, 1], p[:, :, 2]  # [t1], [t1, a], [t1, a, b]
+    exact = torch.einsum("t,ta,tab->ab", p1, p2, p3).flatten()
+    engine = Engine(model, max_batch_size=64, max_seq_len=16, speculative="mtp")
+    N = 4000
+    outs = []
+    for start in range(0, N, 64):
+        n = min(64, N - start)
+        params = [SamplingParams(**{**sp.__dict__, "seed": start + i}) for i in range(n)]
+        outs += [[e.token_id for e in evs] for evs in run_all(engine, [prompt] * n, params)]
+    assert 0.2 < engine.stats["acceptance_rate"] < 0.95  # both the accept and the reject paths ran
+    pairs = torch.tensor([o[1] * V + o[2] for o in outs])
+    counts = torch.bincount(pairs, minlength=V * V).double()
+    expected = exact.double() * N
+    assert counts[expected == 0].sum() == 0  # nothing outside the truncated support
+    big = expected >= 5
+    cells = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    chi2 = float(((cells - exp) ** 2 / exp.clamp(min=1e-9)).sum())
+    assert chi2 < _chi2_critical(len(cells) - 1), chi2
+
+
+# --- stopping and text ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [f"the quick brown fox {i} jumps over the lazy dog; héllo wörld 你好 <think>" for i in range(200)]
+    return train_bpe(texts, vocab_size=400)
+
+
+def test_eos_max_new_tokens_and_stop_ids():
+    model = tiny(5)
+    base = reference(model, PROMPTS[0], 10)[0]
+    eos = base[4]
+    first = base.index(eos)
+    model.args = model.args.replace(eos_token_id=eos)
+    engine = Engine(model, max_batch_size=2, max_seq_len=64)
+    events = list(engine.stream(PROMPTS[0], max_new_tokens=10))
+    assert [e.token_id for e in events] == base[: first + 1]  # the EOS is the last token returned
+    assert events[-1].finish_reason == "stop"
+    assert engine.generate([PROMPTS[0]], max_new_tokens=10, ignore_eos=True)[0] == base
+    assert engine.generate([PROMPTS[0]], max_new_tokens=3, ignore_eos=True)[0] == base[:3]
+    stop_at = base[6]
+    out = engine.generate([PROMPTS[0]], max_new_tokens=10, ignore_eos=True, stop_token_ids=[stop_at])[0]
+    assert out == base[: base.index(stop_at) + 1]
+
+
+def test_text_stream_holds_back_and_cuts_stop_strings(tokenizer):
+    ids = tokenizer.encode("héllo wörld, the quick brown fox")
+    # every token one at a time: the released text never runs ahead into a stop string
+    s = TextStream(tokenizer, stop=["brown fox", "zzz"])
+    pieces, stopped = [], False
+    for t in ids:
+        delta, stopped = s.push(t)
+        pieces.append(delta)
+        assert "brown fox" not in s.text
+        if stopped:
+            break
+    assert stopped and "".join(pieces) == "héllo wörld, the quick "
+    # a stop prefix that never completes is released at the end
+    s = TextStream(tokenizer, stop=["quick brown cat"])
+    text = "".join(s.push(t)[0] for t in ids[:-1])
+    assert text == "héllo wörld, the " and s.flush() == "quick brown"
+    s = TextStream(tokenizer, stop=["quick brown cat"])
+    assert "".join(s.push(t)[0] for t in ids) == "héllo wörld, the quick brown fox"  # " fox" ends the match
+    # multi-byte characters split across tokens come out whole
+    s = TextStream(tokenizer)
+    out = [s.push(t)[0] for t in tokenizer.encode("你好 wörld")]
+    assert "".join(out) == "你好 wörld" and all("\ufffd" not in o for o in out)
+
+
+def test_engine_stop_strings_and_text_deltas(tokenizer):
+    model = tiny(6, vocab_size=tokenizer.vocab_size)
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, tokenizer=tokenizer)
+    prompt = tokenizer.encode("the quick", add_bos=True)
+    full = list(engine.stream(prompt, max_new_tokens=20, ignore_eos=True))
+    ids = [e.token_id for e in full]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert "".join(e.text for e in full) == text
+    # a stop string spanning several tokens, starting inside one of them
+    k = next(i for i in range(3, 20) if len(tokenizer.decode(ids[:i], skip_special_tokens=True)) > 6)
+    prefix = tokenizer.decode(ids[: k - 2], skip_special_tokens=True)
+    stop = text[len(prefix) - 2 : len(prefix) + 4]
+    cut = text.index(stop)
+    events = list(engine.stream(prompt, max_new_tokens=20, ignore_eos=True, stop=["\x00never", stop]))
+    assert events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events) == text[:cut]
+    n = len(events)  # generation ends at the token that completes the stop string
+    assert ids[:n] == [e.token_id for e in events]
+    assert stop in tokenizer.decode(ids[:n], skip_special_tokens=True)
+    assert stop not in tokenizer.decode(ids[: n - 1], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(model, max_batch_size=1, max_seq_len=32).add_request(prompt, SamplingParams(stop=["x"], max_new_tokens=4))
+
+
+def test_request_errors():
+    engine = Engine(tiny(), max_batch_size=1, max_seq_len=16)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        engine.add_request(list(range(10)), SamplingParams(max_new_tokens=7))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request([10**6], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        engine.add_request([1], SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Engine(tiny(), max_seq_len=10**6)
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(tiny(num_nextn_predict_layers=0), max_seq_len=16, speculative="mtp")
+
+
+# --- chat -------------------------------------------------------------------------------------
+def test_chat_prompt_and_reasoning_split(tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "<think>hmm</think>hello"}, {"role": "user", "content": "again"}]
+    text = tokenizer.decode(chat_prompt(tokenizer, messages))
+    assert text == ("<｜begin▁of▁sentence｜>be brief<｜User｜>hi<｜Assistant｜>hello<｜end▁of▁sentence｜>"
+                    "<｜User｜>again<｜Assistant｜>")
+    assert tokenizer.decode(chat_prompt(tokenizer, messages, think=True)).endswith("<｜Assistant｜><think>\n")
+    assert split_reasoning("<think>\nlet me see\n</think>\n\n42") == ("let me see", "42")
+    assert split_reasoning("let me see</think>42") == ("let me see", "42")
+    assert split_reasoning("<think>still going") == ("still going", "")
+    assert split_reasoning("still going", thinking=True) == ("still going", "")
+    assert split_reasoning("just an answer") == ("", "just an answer")
