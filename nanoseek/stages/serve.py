@@ -1,0 +1,132 @@
+"""Serve a model over an OpenAI-compatible HTTP API, with a web chat page at /.
+
+    nanoseek serve --model runs/tiny/model [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                   [--max-batch-size 16] [--max-queue 128] [--max-model-len 4096]
+                   [--reasoning-parser deepseek-r1] [--served-model-name NAME] [--threads N]
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+
+The server binds to loopback unless --host says otherwise. The port opens at once: /health
+answers 503 while the model loads in a background thread, 200 after. The API key may also
+come from the NANOSEEK_API_KEY environment variable, which keeps it out of `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from nanoseek.data import Tokenizer
+from nanoseek.inference import Engine
+from nanoseek.model import Transformer
+from nanoseek.serve import ServerState, create_app
+from nanoseek.serve.app import REASONING_PARSERS
+
+log = logging.getLogger("nanoseek.serve")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nanoseek serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="model directory (HF layout)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer directory (default: the model directory)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or NANOSEEK_API_KEY)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: the model directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="sequences decoded together (engine slots, default 16)")
+    p.add_argument("--max-queue", type=int, default=128,
+                   help="sequences allowed to wait for a slot; more get a 503 (default 128)")
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="context length: prompt + completion, capped by the model's "
+                        "max_position_embeddings (default 4096); sizes the KV cache")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="split <think>...</think> into reasoning_content (R1-style models)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: float32 on CPU, the checkpoint's otherwise)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads on CPU (default: torch's, one per core); 1 is "
+                        "fastest for tiny models and on a busy machine")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    a = p.parse_args(argv)
+    if not (a.model / "config.json").is_file():
+        p.error(f"--model {a.model}: no config.json there")
+    a.tokenizer = a.tokenizer or a.model
+    if not (a.tokenizer / "tokenizer.json").is_file():
+        p.error(f"no tokenizer.json in {a.tokenizer} (pass --tokenizer DIR)")
+    for flag in ("max_batch_size", "max_queue", "max_model_len", "threads"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return a
+
+
+def load(a: argparse.Namespace, state: ServerState) -> None:
+    """Load tokenizer, model and engine, then hand them to the server (a background thread)."""
+    t0 = time.perf_counter()
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    tokenizer = Tokenizer.from_dir(a.tokenizer)
+    model = Transformer.from_pretrained(a.model, dtype=DTYPES.get(a.dtype), device=a.device)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                         f"vocabulary only {model.args.vocab_size}")
+    max_len = min(a.max_model_len, model.args.max_position_embeddings)
+    engine = Engine(model, max_batch_size=a.max_batch_size, max_seq_len=max_len,
+                    tokenizer=tokenizer)
+    state.start(engine, tokenizer)
+    log.info("model %s ready in %.1fs: %d slots, context %d tokens", state.model_name,
+             time.perf_counter() - t0, a.max_batch_size, max_len)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s:     %(message)s")
+    if a.api_key is None and not _is_loopback(a.host):
+        log.warning("binding %s without --api-key: anyone who can reach it can use it", a.host)
+    state = ServerState(a.served_model_name or a.model.resolve().name, api_key=a.api_key,
+                        max_queue=a.max_queue, reasoning_parser=a.reasoning_parser)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(state), host=a.host, port=a.port, log_level=a.log_level,
+        timeout_graceful_shutdown=5))
+
+    def load_or_stop():
+        try:
+            load(a, state)
+        except Exception as e:
+            state.load_error = f"loading the model failed: {type(e).__name__}: {e}"
+            log.error(state.load_error)
+            server.should_exit = True
+
+    threading.Thread(target=load_or_stop, name="nanoseek-load", daemon=True).start()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on SIGINT, then re-raises it: that is a normal stop.
+        pass
+    if state.load_error:
+        print(f"nanoseek serve: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
