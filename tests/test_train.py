@@ -199,3 +199,40 @@ def test_linear_cross_entropy_matches_plain_loss_and_gradients():
     (2 * fused).backward()
     assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
     assert torch.allclose(h.grad, gh, atol=1e-7) and torch.allclose(w.grad, gw, atol=1e-7)
+
+
+def poison_steps(monkeypatch, bad_calls):
+    """Make training_loss non-finite on the given (0-based) calls, as a diverging run would."""
+    real, calls = train_stage.training_loss, []
+
+    def loss(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        if len(calls) in bad_calls:
+            parts.total, parts.ce = parts.total * float("nan"), parts.ce * float("nan")
+        calls.append(1)
+        return parts
+
+    monkeypatch.setattr(train_stage, "training_loss", loss)
+
+
+def test_non_finite_steps_are_skipped_and_counted(data, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, {3, 4})
+    assert run(data, tmp_path, "--steps", "8") == 0
+    train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["skipped"] for r in train] == [False] * 3 + [True] * 2 + [False] * 3
+    assert all(math.isfinite(r["loss"]) for r in train if not r["skipped"])
+    assert json.loads((tmp_path / "summary.json").read_text())["nonfinite_steps"] == 2
+    model = Transformer.from_pretrained(latest_checkpoint(tmp_path / "checkpoints"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_many_non_finite_steps_stop_with_last_good_checkpoint(data, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, set(range(4, 100)))
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+        run(data, tmp_path, "--steps", "20", "--save-every", "2", "--max-nonfinite", "3")
+    # steps 5-7 were skipped: the step-6 checkpoint holds exactly the step-4 weights, all finite
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    assert ckpt.name == "step-000006"
+    last, good = Transformer.from_pretrained(ckpt), Transformer.from_pretrained(ckpt.parent / "step-000004")
+    for (n, p), q in zip(last.state_dict().items(), good.state_dict().values()):
+        assert torch.equal(p, q) and torch.isfinite(p).all(), n

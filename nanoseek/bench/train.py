@@ -11,8 +11,8 @@ module on load), plus a third row: nanoseek's full `nanoseek train` step (MTP, �
 loss) for reference. Timing rounds alternate between the models, so a busy machine slows both
 alike; each model's figure is the median step time.
 
-MFU = tokens/s × model FLOPs per token / peak, the peak being an fp32 2048³ matmul measured in the
-same process (see nanoseek/train/metrics.py for the FLOP count).
+MFU = tokens/s × model FLOPs per token / peak, the peak being the best fp32 1024³ matmul measured
+in the same process (see nanoseek/train/metrics.py for the FLOP count).
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ from nanoseek.train.state import latest_checkpoint, load_trainer_state, save_che
 # Flags a resumed run takes from its command line; every other one comes from the saved run.
 RESUMABLE_FLAGS = {"data", "out", "resume", "device", "compile", "max_minutes", "stop_at", "eval_every",
                    "eval_batches", "save_every", "keep_last", "samples", "max_nonfinite", "quiet"}
+FINAL_SECONDS = 20  # what a --max-minutes run keeps for its final evaluation, samples and report
 PROMPTS = ["import os\n", "def __init__(self", "class ", "    for i in range("]
 FIM_EXAMPLE = ("def add(a, b):\n    ", "\n\n\nprint(add(1, 2))\n")
 
@@ -110,7 +111,9 @@ def parse_args(argv):
     g.add_argument("--mtp-switch", type=float, default=V3.V3_MTP_SWITCH,
                    help="fraction of tokens where λ switches (V3: 10T/14.8T = %(default).3f)")
     g = p.add_argument_group("load balancing")
-    g.add_argument("--bias-gamma", type=float, default=1e-3, help="aux-loss-free bias speed γ (V3: 0.001; 0: off)")
+    g.add_argument("--bias-gamma", type=float, default=3e-3,
+                   help="aux-loss-free bias speed γ (V3: 0.001 over 14.8T tokens; a run of a few hundred steps "
+                        "needs a faster one, see `nanoseek bench balance`; 0: off)")
     g.add_argument("--bias-freeze", type=float, default=V3.V3_DECAY_END,
                    help="fraction of tokens after which γ = 0 (V3: 14.3T/14.8T = %(default).3f)")
     g.add_argument("--seq-alpha", type=float, default=1e-4, help="sequence-wise balance loss weight α (V3: 1e-4)")
@@ -163,6 +166,9 @@ def train(a: argparse.Namespace, t_start: float) -> int:
         a.data, a.out, a.tokenizer = Path(a.data), Path(a.out), a.tokenizer and Path(a.tokenizer)
     elif a.resume:
         print(f"nanoseek train: no checkpoint in {ckpt_root} yet, starting from scratch", file=sys.stderr)
+    elif (ckpt_root / "latest").exists():
+        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with --resume, or "
+                         f"use another --out")
     if a.tokens is None and a.steps is None and a.max_minutes is None:
         raise ValueError("nothing to resume and no budget given (--tokens, --steps or --max-minutes)")
 
@@ -213,7 +219,7 @@ def train(a: argparse.Namespace, t_start: float) -> int:
     optimizer = torch.optim.AdamW(
         [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
          {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
-        lr=a.lr, betas=(a.beta1, a.beta2), fused=device.type == "cuda" or None)
+        lr=a.lr, betas=(a.beta1, a.beta2), fused=True)
     loss_fn = torch.compile(training_loss) if a.compile else training_loss
 
     # --- throughput ceiling and model FLOPs --------------------------------------------------------
@@ -273,6 +279,11 @@ def train(a: argparse.Namespace, t_start: float) -> int:
     bar = tqdm(total=total_tokens, initial=tokens, unit="tok", unit_scale=True, disable=a.quiet,
                dynamic_ncols=True, mininterval=1.0)
     bad_streak, train_seconds, last_saved, interrupted, stop_reason = 0, 0.0, None, False, "done"
+    # A minutes budget is re-planned twice from the throughput actually reached (evaluation included),
+    # while the learning rate is still on its constant plateau, so the curve keeps its shape.
+    time_budget = a.tokens is None and a.steps is None and resume_from is None
+    replan_at = [a.max_minutes * 60 * f for f in (0.3, 0.6)] if time_budget else []
+    t_loop, tokens_loop = time.perf_counter(), tokens
     while tokens < total_tokens:
         t0 = time.perf_counter()
         batch = sched.batch_at(tokens)
@@ -280,16 +291,16 @@ def train(a: argparse.Namespace, t_start: float) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         accum = batch // a.micro_batch
-        ce = mtp = bal = 0.0
-        counts = None
+        losses, counts = torch.zeros(3, device=device), None  # ce, mtp, balance, summed over micro-batches
         for _ in range(accum):
             inputs, targets = (t.to(device, non_blocking=True) for t in next(loader))
             with amp():
                 parts = loss_fn(model, inputs, targets, lam if has_mtp else 0.0, a.seq_alpha, a.aux_alpha)
             (parts.total / accum).backward()
-            ce, mtp, bal = ce + parts.ce.item() / accum, mtp + parts.mtp.item() / accum, bal + parts.balance.item() / accum
+            losses += torch.stack([parts.ce, parts.mtp, parts.balance])
             counts = parts.counts if counts is None else counts + parts.counts
         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
+        ce, mtp, bal = (losses / accum).tolist()  # one host sync per step
         skipped = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(grad_norm))
         if skipped:  # no update, no bias move; the batch is consumed all the same
             nonfinite, bad_streak = nonfinite + 1, bad_streak + 1
@@ -330,6 +341,15 @@ def train(a: argparse.Namespace, t_start: float) -> int:
         if a.stop_at is not None and step >= a.stop_at and tokens < total_tokens:
             interrupted = True
             break
+        if replan_at and time.perf_counter() - t_start >= replan_at[0]:
+            replan_at.pop(0)
+            now = time.perf_counter()
+            rate = (tokens - tokens_loop) / (now - t_loop)
+            planned = tokens + int(rate * (a.max_minutes * 60 - (now - t_start) - FINAL_SECONDS))
+            if sched.batch_ramp * planned < tokens < sched.decay_start * min(planned, total_tokens):
+                total_tokens = sched.total_tokens = planned
+                bar.total = planned
+                bar.write(f"budget re-planned at {rate:,.0f} tokens/s: {planned:,} tokens")
         if a.max_minutes is not None and time.perf_counter() - t_start > a.max_minutes * 60:
             stop_reason = f"stopped at step {step}: --max-minutes {a.max_minutes} reached"
             break

@@ -10,7 +10,7 @@ balance.py); α = 0 skips them.
 The output head and the cross-entropy are fused (`linear_cross_entropy`): logits are made a chunk
 of rows at a time and their gradient (softmax − one-hot) is taken on the spot, so the [B·T, V]
 logits, their log-softmax and its gradient never exist in full. On CPU the head + loss is then
-~2x faster (the chunk stays in cache) and the memory for it drops from O(B·T·V) to O(chunk·V).
+1.5-2x faster (the chunk stays in cache) and the memory for it drops from O(B·T·V) to O(chunk·V).
 """
 
 from __future__ import annotations

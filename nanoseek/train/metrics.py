@@ -11,8 +11,8 @@ MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token follow the PaLM
 * attention: QKᵀ and PV at full context T (the convention ignores the causal half), for the main
   layers and the MTP layers.
 
-The peak is *measured* in the same process (a large square matmul in the training dtype on the
-training device), not read from a datasheet: on a shared CPU that is the only honest ceiling.
+The peak is *measured* in the same process (the best of many square matmuls in the training dtype
+on the training device), not read from a datasheet: on a shared CPU that is the only honest ceiling.
 """
 
 from __future__ import annotations
@@ -45,9 +45,13 @@ def flops_per_token(model: Transformer, seq_len: int, mtp: bool = True) -> float
     return 6 * matmul + attention
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
                        seconds: float = 1.0) -> float:
-    """Best FLOP/s of an n×n×n matmul over ~`seconds` (after one warm-up)."""
+    """Best FLOP/s of an n×n×n matmul over ~`seconds` (after one warm-up).
+
+    n defaults to 1024 on CPU (~10 ms a try: many tries, so a machine shared with other jobs
+    still shows its ceiling in one of them) and 8192 on GPU (big enough to saturate it)."""
+    n = n or (1024 if device.type == "cpu" else 8192)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     (a @ b).sum().item()

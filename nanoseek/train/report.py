@@ -69,7 +69,7 @@ def plot_run(records: list[dict], out: Path) -> list[str]:
         vio = np.array([r["maxvio"] for r in train if r.get("load")])
         fig, ax = plt.subplots(figsize=(8, 4))
         for i in range(vio.shape[1]):
-            ax.plot(steps, _smooth(vio[:, i]), lw=1, label=f"MoE layer {i}")
+            ax.plot(steps, smooth(vio[:, i]), lw=1, label=f"MoE layer {i}")
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("MaxVio_batch (smoothed)")
@@ -99,7 +99,8 @@ def write_report(out: Path, summary: dict, plots: list[str], samples: list[tuple
     return path
 
 
-def _smooth(x: np.ndarray, window: int = 10) -> np.ndarray:
+def smooth(x: np.ndarray, window: int = 10) -> np.ndarray:
+    """Trailing moving average (shorter windows at the start), same length as x."""
     if len(x) < window:
         return x
     kernel = np.ones(window) / window
