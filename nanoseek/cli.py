@@ -27,6 +27,7 @@ BENCHES = {
     "train": "nanoseek.bench.train",
     "decode": "nanoseek.bench.decode",
     "serve": "nanoseek.bench.serve",
+    "balance": "nanoseek.bench.balance",
 }
 
 
