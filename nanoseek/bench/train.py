@@ -33,7 +33,8 @@ from nanoseek.train.metrics import flops_per_token, measure_peak_flops
 
 
 def adamw(model):
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # as `nanoseek train` runs it (fused), for both models
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
 
 def step_fn(forward, model, ids):

@@ -48,7 +48,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
         return None
     path = Path(root) / pointer.read_text().strip()
     if not (path / "trainer_state" / "state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+        raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint")
     return path
 
 
