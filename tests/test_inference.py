@@ -14,6 +14,15 @@ from nanoseek.inference.sampling import draw, probabilities
 from nanoseek.inference.text import TextStream
 from nanoseek.model import Transformer, preset
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PROMPTS = [[5, 17, 99], [0] + list(range(40, 50)), [0] + list(range(60, 69)), [7], [3, 1000, 2000, 3000, 12]]
 
 
@@ -217,8 +226,8 @@ def test_speculative_drafts_equal_uncached_mtp(monkeypatch):
     checked = []
     real_draft = spec.draft
 
-    def checking_draft(model_, prev, tokens, positions, newest, mtp_cache, reqs):
-        drafts, qs = real_draft(model_, prev, tokens, positions, newest, mtp_cache, reqs)
+    def checking_draft(mtp_step, prev, tokens, positions, newest, mtp_cache, reqs, **kw):
+        drafts, qs = real_draft(mtp_step, prev, tokens, positions, newest, mtp_cache, reqs, **kw)
         for req, d in zip(reqs, drafts.tolist()):
             seq = req.prompt + req.tokens
             M = len(seq) - 1
@@ -376,3 +385,14 @@ def test_chat_prompt_and_reasoning_split(tokenizer):
     assert split_reasoning("<think>still going") == ("still going", "")
     assert split_reasoning("still going", thinking=True) == ("still going", "")
     assert split_reasoning("just an answer") == ("", "just an answer")
+
+
+
+def test_compiled_decode_matches_eager():
+    """The torch.compile'd decode step (static cache length, gathered experts) gives the eager tokens."""
+    model = tiny(num_hidden_layers=2, num_nextn_predict_layers=0)
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    eager = Engine(model, max_batch_size=2, max_seq_len=40)
+    compiled = Engine(model, max_batch_size=2, max_seq_len=40, compile=True)
+    want = eager.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    assert compiled.generate(prompts, max_new_tokens=8, ignore_eos=True) == want

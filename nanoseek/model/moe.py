@@ -91,6 +91,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], indices/weights [N, K] -> [N, hidden]."""
         N, K = indices.shape
+        if N * K <= self.n_experts:
+            return self._few_tokens(x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # token copies sorted by expert
         token = order // K
@@ -103,12 +105,25 @@ class Experts(nn.Module):
         h = h * weights.flatten()[order, None].to(h.dtype)
         return torch.zeros_like(x).index_add_(0, token, h)
 
+    def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decoding (N*K <= E): gather the chosen experts' weights and run batched mat-vecs, as
+        gpt-fast's MoE does. No sort and no host sync, so a decode step compiles (torch.compile
+        traces F.grouped_mm on CPU only in bf16), and no pass over the experts nobody chose."""
+        N, K = indices.shape
+        flat = indices.flatten()
+        xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [N*K, hidden, 1]
+        h = torch.bmm(self.gate_up_proj[flat], xs).squeeze(-1)
+        gate, up = h.split(self.inter_dim, dim=-1)
+        h = torch.bmm(self.down_proj[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
+        return (h.view(N, K, -1) * weights[..., None].to(h.dtype)).sum(dim=1)
+
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group times w[g]^T. x [M, in], w [E, out, in], offsets = cumsum(counts)."""
-    if x.device.type == "cpu" or x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling()):
         return F.grouped_mm(x, w.transpose(1, 2), offs=offsets)
-    # CUDA grouped GEMM wants bf16; other dtypes fall back to one matmul per non-empty expert.
+    # CUDA grouped GEMM wants bf16, and so does torch.compile's trace of it on CPU; other cases fall
+    # back to one matmul per non-empty expert (under torch.compile: a graph break at .tolist()).
     out, start = x.new_empty(x.shape[0], w.shape[1]), 0
     for e, n in enumerate(counts.tolist()):
         if n:

@@ -1,0 +1,269 @@
+"""Decode benchmark: nanoseek's engine against transformers' `generate`, same checkpoint, same prompts.
+
+    nanoseek bench decode                          # batch 1,16 × prompt 512,4096, 128 new tokens
+    nanoseek bench decode --quick                  # batch 1, prompt 512, 32 new tokens
+    nanoseek bench decode --preset small --batch-sizes 1 --repeats 1
+    nanoseek bench decode --mtp-model runs/tiny/checkpoints/latest   # MTP acceptance on a trained head
+
+Per (batch, prompt length) cell: **decode tokens/s** = batch × (new tokens - 1) / the time from
+the first generated token to the last, so prefill is excluded the same way for both peers:
+transformers' steps are timestamped by a logits processor (called once per forward), nanoseek's
+by its own decode-step timer. Each peer runs the cell --repeats times and the best run counts
+(interference on a shared machine only ever slows a run down). **Cache bytes per token**:
+nanoseek's preallocated latent cache; the bytes transformers' DynamicCache holds after the run /
+(batch × sequence length); and the formula num_layers × (kv_lora_rank + qk_rope_head_dim) × dtype
+size. Both peers decode greedily in fp32 with EOS ignored, so every sequence makes every token;
+`agree` is the share of generated tokens on which they picked the same id (random weights have
+near-ties, so an early flip can make the rest of a sequence differ).
+
+The peers' settings:
+* nanoseek: one engine per cell sized to it, decode step compiled (--no-compile: eager); a short
+  warm-up run at the same batch size compiles it before the timed runs.
+* transformers: its fastest CPU settings measured here: SDPA attention, `grouped_mm` experts (its
+  default), DynamicCache. In transformers 5 DeepSeek-V3's cache also holds the MLA latent, but
+  each step re-expands every cached latent into per-head K and V. Its static cache with
+  generate's CPU compilation ran at ~400 ms/step on the tiny preset (recompiling as it goes), so
+  it is not used.
+
+The default checkpoint is the `tiny` preset with random weights (the size this project trains
+on 2 CPU cores), max_position_embeddings raised to fit the longest prompt; --preset small is the
+8-layer, 117M-parameter size, where batch-1 decoding is bound by reading the weights from memory.
+
+MTP speculative decoding is measured at batch 1 against plain decoding of the same prompt:
+acceptance rate, tokens per step and decode tokens/s. On the random checkpoint the MTP head is
+untrained (acceptance ~0); --mtp-model names a trained checkpoint (given a tokenizer, its prompt is
+the start of Python's argparse.py, the kind of text the tiny run trains on).
+
+Figures are from one process on a possibly shared machine: the header and footer print the CPU
+pressure (/proc/pressure/cpu), and two threads on two busy cores can be many times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek.inference import Engine
+from nanoseek.model import Transformer, preset
+from nanoseek.model.args import parse_overrides
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="nanoseek bench decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="a saved checkpoint (default: a random --preset one)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--prompt-lens", default="512,4096")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per peer and cell; the best counts")
+    p.add_argument("--peers", default="nanoseek,transformers")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile nanoseek's decode step (default on; --no-compile: eager)")
+    p.add_argument("--mtp-model", type=Path, help="checkpoint with a trained MTP head for the speculative rows")
+    p.add_argument("--mtp-prompt-len", type=int, default=512)
+    p.add_argument("--no-speculative", action="store_true", help="skip the MTP rows")
+    p.add_argument("--quick", action="store_true", help="batch 1, prompt 512, 32 new tokens, 1 repeat")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="also write the rows as JSONL here")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.batch_sizes, a.prompt_lens, a.new_tokens, a.repeats = "1", "512", 32, 1
+    a.batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
+    a.prompt_lens = [int(x) for x in a.prompt_lens.split(",")]
+    a.peers = a.peers.split(",")
+    return a
+
+
+def checkpoint(a, workdir: Path) -> Path:
+    """The benchmark checkpoint's directory (written from --preset unless --model)."""
+    if a.model:
+        return a.model
+    need = max(a.prompt_lens + [a.mtp_prompt_len]) + a.new_tokens + 8
+    args = preset(a.preset, **{"torch_dtype": "float32", **parse_overrides(a.overrides)})
+    if args.max_position_embeddings < need:
+        args = args.replace(max_position_embeddings=need)
+    torch.manual_seed(a.seed)
+    path = workdir / "model"
+    Transformer(args).save_pretrained(path)
+    return path
+
+
+def prompts_for(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed + 1000 * batch + length)
+    return torch.randint(3, vocab, (batch, length), generator=g).tolist()
+
+
+# --- peers ---------------------------------------------------------------------------------------
+def run_nanoseek(model, prompts, new_tokens: int, repeats: int = 1, speculative=None, compile=True) -> dict:
+    """One engine sized for this cell; a short warm-up at the same batch size compiles the step
+    (the cache length is static, so the graph is reused by the timed runs)."""
+    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=len(prompts[0]) + new_tokens, compile=compile)
+    engine.generate([p[:16] for p in prompts], max_new_tokens=4, ignore_eos=True, speculative=speculative)
+    best = None
+    for _ in range(repeats):
+        outs = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True, speculative=speculative)
+        s = engine.stats
+        if best is None or s["decode_tokens_per_s"] > best["decode_tok_s"]:
+            best = dict(decode_tok_s=s["decode_tokens_per_s"], prefill_s=s["prefill_s"], tokens=outs,
+                        cache_bytes=engine.cache_bytes_per_token, acceptance=s.get("acceptance_rate"),
+                        tokens_per_step=s["tokens_per_row_step"])
+    return best
+
+
+def load_transformers(path: Path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def run_transformers(hf, prompts, new_tokens: int, repeats: int = 1) -> dict:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    def generate(ids, n, clock):
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                           return_dict_in_generate=True, pad_token_id=0)
+
+    ids = torch.tensor(prompts)
+    B, P = ids.shape
+    best = None
+    with torch.inference_mode():
+        generate(ids[:, :16], 4, StepClock())  # warm-up
+        for _ in range(repeats):
+            clock = StepClock()
+            t0 = time.perf_counter()
+            out = generate(ids, new_tokens, clock)
+            rate = B * (new_tokens - 1) / (clock.times[-1] - clock.times[0])
+            if best is None or rate > best["decode_tok_s"]:
+                cache = out.past_key_values
+                held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+                best = dict(decode_tok_s=rate, prefill_s=clock.times[0] - t0, tokens=out.sequences[:, P:].tolist(),
+                            cache_bytes=held / (B * cache.layers[0].keys.shape[-2]))
+            del out
+    return best
+
+
+# --- the run -------------------------------------------------------------------------------------
+def cpu_pressure() -> str:
+    try:
+        return Path("/proc/pressure/cpu").read_text().split("\n")[0].split()[1]  # "avg10=.."
+    except (OSError, IndexError):
+        return "n/a"
+
+
+def _f(x, suffix="", d=1) -> str:
+    return "-" if x is None else f"{x:.{d}f}{suffix}"
+
+
+def decode_table(a, model, hf, formula: int) -> list[dict]:
+    header = (f"{'batch':>5} {'prompt':>6} | {'nanoseek tok/s':>14} {'transformers tok/s':>18} {'speed-up':>8} | "
+              f"{'cache B/tok ns':>14} {'hf':>6} {'formula':>7} | {'agree':>5} | {'prefill s ns/hf':>15}")
+    print(header + "\n" + "-" * len(header), flush=True)
+    rows = []
+    for P in a.prompt_lens:
+        for B in a.batch_sizes:
+            prompts = prompts_for(model.args.vocab_size, B, P, a.seed)
+            ns = run_nanoseek(model, prompts, a.new_tokens, a.repeats, compile=a.compile) if "nanoseek" in a.peers else None
+            tf = run_transformers(hf, prompts, a.new_tokens, a.repeats) if hf is not None else None
+            agree = None
+            if ns and tf:
+                pairs = [(x, y) for s, t in zip(ns["tokens"], tf["tokens"]) for x, y in zip(s, t)]
+                agree = sum(x == y for x, y in pairs) / len(pairs)
+            get = lambda peer, key: peer[key] if peer else None  # noqa: E731
+            row = dict(batch=B, prompt=P, new_tokens=a.new_tokens, nanoseek_tok_s=get(ns, "decode_tok_s"),
+                       transformers_tok_s=get(tf, "decode_tok_s"),
+                       speedup=ns["decode_tok_s"] / tf["decode_tok_s"] if ns and tf else None,
+                       nanoseek_cache_bytes=get(ns, "cache_bytes"), transformers_cache_bytes=get(tf, "cache_bytes"),
+                       formula_cache_bytes=formula, agree=agree, nanoseek_prefill_s=get(ns, "prefill_s"),
+                       transformers_prefill_s=get(tf, "prefill_s"))
+            rows.append(row)
+            print(f"{B:>5} {P:>6} | {_f(row['nanoseek_tok_s']):>14} {_f(row['transformers_tok_s']):>18} "
+                  f"{_f(row['speedup'], 'x'):>8} | {_f(row['nanoseek_cache_bytes'], d=0):>14} "
+                  f"{_f(row['transformers_cache_bytes'], d=0):>6} {formula:>7} | {_f(agree, d=2):>5} | "
+                  f"{_f(row['nanoseek_prefill_s']) + '/' + _f(row['transformers_prefill_s']):>15}", flush=True)
+    return rows
+
+
+def speculative_table(a, model) -> list[dict]:
+    print(f"\nMTP speculative decoding vs plain, batch 1, {a.new_tokens} new tokens", flush=True)
+    targets = [("random checkpoint (untrained MTP head)", model, None)]
+    if a.mtp_model:
+        targets.append((f"{a.mtp_model} (trained)", Transformer.from_pretrained(a.mtp_model), a.mtp_model))
+    rows = []
+    for name, m, path in targets:
+        if not len(m.mtp):
+            print(f"  {name}: no MTP modules")
+            continue
+        prompts = _mtp_prompt(a, m, path)
+        plain = run_nanoseek(m, prompts, a.new_tokens, a.repeats, compile=a.compile)
+        fast = run_nanoseek(m, prompts, a.new_tokens, a.repeats, speculative="mtp", compile=a.compile)
+        row = dict(checkpoint=name, prompt=len(prompts[0]), plain_tok_s=plain["decode_tok_s"],
+                   mtp_tok_s=fast["decode_tok_s"], acceptance=fast["acceptance"],
+                   tokens_per_step=fast["tokens_per_step"], speedup=fast["decode_tok_s"] / plain["decode_tok_s"],
+                   identical=plain["tokens"] == fast["tokens"])
+        rows.append(row)
+        print(f"  {name}, prompt {row['prompt']}: acceptance {row['acceptance']:.1%}, "
+              f"{row['tokens_per_step']:.2f} tokens/step, {row['plain_tok_s']:.1f} -> {row['mtp_tok_s']:.1f} tok/s "
+              f"({row['speedup']:.2f}x), greedy output identical: {row['identical']}", flush=True)
+    return rows
+
+
+def _mtp_prompt(a, model, path: Path | None) -> list[list[int]]:
+    """The start of Python's argparse.py when the checkpoint has a tokenizer, else random ids."""
+    length = min(a.mtp_prompt_len, model.args.max_position_embeddings - a.new_tokens)
+    if path is not None and (path / "tokenizer.json").is_file():
+        from nanoseek.data import Tokenizer
+
+        ids = Tokenizer.from_dir(path).encode(Path(argparse.__file__).read_text(), add_bos=True)
+        return [ids[:length]]
+    return prompts_for(model.args.vocab_size, 1, length, a.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    # one compiled graph per engine (each has its own static cache length): allow them all
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint(a, Path(tmp))
+        model = Transformer.from_pretrained(path)
+        args = model.args
+        formula = args.num_hidden_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * model.embed_tokens.weight.element_size()
+        hf = load_transformers(path) if "transformers" in a.peers else None
+        print(f"checkpoint: {a.model or ('random ' + a.preset)} | {model.num_params() / 1e6:.1f}M params "
+              f"({model.num_params(active=True) / 1e6:.1f}M active), {args.num_hidden_layers} layers, "
+              f"vocab {args.vocab_size} | fp32, {torch.get_num_threads()} threads | {a.new_tokens} new tokens, "
+              f"best of {a.repeats} | nanoseek {'compiled' if a.compile else 'eager'} | cpu pressure {cpu_pressure()}",
+              flush=True)
+        rows += decode_table(a, model, hf, formula)
+        if not a.no_speculative and "nanoseek" in a.peers:
+            rows += speculative_table(a, model)
+    print(f"cpu pressure at the end: {cpu_pressure()}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
