@@ -371,6 +371,8 @@ def train(a: argparse.Namespace, t_start: float) -> int:
 
     # --- final evaluation, samples, report --------------------------------------------------------------
     final = run_eval()
+    # measured again: a neighbour's job during the first measurement would inflate the run's MFU
+    peak = max(peak, measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
     records = read_jsonl(log.path)
     first = next(r for r in records if r["kind"] == "val")
     samples = show_samples(model, tokenizer, a.samples) if a.samples else []
