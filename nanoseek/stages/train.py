@@ -14,7 +14,7 @@ tiny run's numbers; V3's own are in each flag's help.
 
 The budget is --tokens, --steps (steps × batch × seq_len tokens) or --max-minutes alone: then a
 few timed forward/backward passes on random tokens, before training, turn the minutes into a
-token budget, re-planned at 30% and 60% of the time from the throughput actually reached (only
+token budget, re-planned at 20/35/50/65% of the time from the throughput actually reached (only
 while the learning rate is on its plateau, so the curve keeps its shape; a busy machine would
 otherwise hit the time limit before the decay). Token and step budgets are fixed from step 0 and
 saved, so --resume is exact.
@@ -232,6 +232,8 @@ def train(a: argparse.Namespace, t_start: float) -> int:
                 module.compile()
 
     # --- throughput ceiling and model FLOPs --------------------------------------------------------
+    # The ceiling is re-measured at every validation and the best kept: a neighbour's job during
+    # one measurement would otherwise inflate the MFU of the whole run.
     peak = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     flops_tok = flops_per_token(model, seq_len, mtp=has_mtp)
 
@@ -288,10 +290,10 @@ def train(a: argparse.Namespace, t_start: float) -> int:
     bar = tqdm(total=total_tokens, initial=tokens, unit="tok", unit_scale=True, disable=a.quiet,
                dynamic_ncols=True, mininterval=1.0)
     bad_streak, train_seconds, last_saved, interrupted, stop_reason = 0, 0.0, None, False, "done"
-    # A minutes budget is re-planned twice from the throughput actually reached (evaluation included),
-    # while the learning rate is still on its constant plateau, so the curve keeps its shape.
+    # A minutes budget is re-planned from the throughput actually reached (evaluation included), but
+    # only while the learning rate is still on its constant plateau, so the curve keeps its shape.
     time_budget = a.tokens is None and a.steps is None and resume_from is None
-    replan_at = [a.max_minutes * 60 * f for f in (0.3, 0.6)] if time_budget else []
+    replan_at = [a.max_minutes * 60 * f for f in (0.2, 0.35, 0.5, 0.65)] if time_budget else []
     t_loop, tokens_loop = time.perf_counter(), tokens
     while tokens < total_tokens:
         t0 = time.perf_counter()
@@ -342,6 +344,7 @@ def train(a: argparse.Namespace, t_start: float) -> int:
                              f"(lr {lr:.2e}); stopping. The last good checkpoint is {latest_checkpoint(ckpt_root)}")
         if a.eval_every and step % a.eval_every == 0 and tokens < total_tokens:
             r = run_eval()
+            peak = max(peak, measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
             bar.write(f"step {step}: val loss {r['val_loss']:.4f}, {fmt_bpb(r['val_bpb'])}, "
                       f"val MaxVio {sum(r['val_maxvio']) / max(1, len(r['val_maxvio'])):.3f}")
         if a.save_every and step % a.save_every == 0:
@@ -371,7 +374,6 @@ def train(a: argparse.Namespace, t_start: float) -> int:
 
     # --- final evaluation, samples, report --------------------------------------------------------------
     final = run_eval()
-    # measured again: a neighbour's job during the first measurement would inflate the run's MFU
     peak = max(peak, measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
     records = read_jsonl(log.path)
     first = next(r for r in records if r["kind"] == "val")
