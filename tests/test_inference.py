@@ -2,6 +2,7 @@
 against naive, continuous batching, seeds, MTP speculative decoding (greedy identity, MTP cache
 upkeep, the sampling distribution), stop conditions, text streaming and chat helpers."""
 
+import json
 import math
 
 import pytest
@@ -33,14 +34,15 @@ def tiny(seed=0, **overrides) -> Transformer:
 
 def agreeable(depth: int) -> Transformer:
     """A tiny model whose MTP modules often agree with it: a large embedding makes the main model
-    nearly a bigram model, and each MTP module's eh_proj passes the next token's embedding through."""
+    nearly a bigram model, and each MTP module's eh_proj mostly passes the next token's embedding
+    through (its random hidden-state half stays, so drafts do depend on the carried hidden states)."""
     model = tiny(num_nextn_predict_layers=depth)
     H = model.args.hidden_size
     with torch.no_grad():
         model.embed_tokens.weight.mul_(3.0)
         for module in model.mtp:
-            module.eh_proj.weight.zero_()
             module.eh_proj.weight[:, :H] = torch.eye(H)
+            module.eh_proj.weight[:, H:] *= 0.5
     return model
 
 
@@ -206,11 +208,14 @@ def test_speculative_greedy_is_plain_greedy(depth):
     model = agreeable(depth)
     engine = Engine(model, max_batch_size=3, max_seq_len=96)
     lengths = [30, 12, 25, 40, 18]
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
-    plain = [[e.token_id for e in evs] for evs in run_all(engine, PROMPTS[:3], params[:3])]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=2) for n in lengths]
+    plain = run_all(engine, PROMPTS[:3], params[:3])
     engine.set_speculative("mtp")
-    fast = [[e.token_id for e in evs] for evs in run_all(engine, PROMPTS[:3], params[:3])]
-    assert fast == plain
+    fast = run_all(engine, PROMPTS[:3], params[:3])
+    assert [[e.token_id for e in evs] for evs in fast] == [[e.token_id for e in evs] for evs in plain]
+    for a, b in zip(fast, plain):  # logprobs of verified tokens equal plain decoding's
+        assert [e.logprob for e in a] == pytest.approx([e.logprob for e in b], abs=1e-4)
+        assert [[t for t, _ in e.top_logprobs] for e in a] == [[t for t, _ in e.top_logprobs] for e in b]
     stats = engine.stats
     assert 0.2 < stats["acceptance_rate"] < 1 and stats["tokens_per_row_step"] > 1.1
     # generate with more prompts than slots: requests join and leave mid-run
@@ -396,3 +401,21 @@ def test_compiled_decode_matches_eager():
     compiled = Engine(model, max_batch_size=2, max_seq_len=40, compile=True)
     want = eager.generate(prompts, max_new_tokens=8, ignore_eos=True)
     assert compiled.generate(prompts, max_new_tokens=8, ignore_eos=True) == want
+
+
+def test_bench_decode_smoke(tmp_path, capsys):
+    """`nanoseek bench decode` end to end on a 2-layer model (figures are not checked, only produced)."""
+    pytest.importorskip("transformers")
+    from nanoseek.bench import decode
+
+    out = tmp_path / "rows.jsonl"
+    assert decode.main(["--set", "num_hidden_layers=2", "--batch-sizes", "1,2", "--prompt-lens", "16",
+                        "--new-tokens", "4", "--repeats", "1", "--no-compile", "--mtp-prompt-len", "16",
+                        "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "speed-up" in text and "acceptance" in text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cells = [r for r in rows if "batch" in r]
+    assert len(cells) == 2 and all(r["nanoseek_cache_bytes"] == r["formula_cache_bytes"] for r in cells)
+    assert all(r["transformers_tok_s"] > 0 for r in cells)
+    assert [r["identical"] for r in rows if "checkpoint" in r] == [True]

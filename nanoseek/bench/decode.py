@@ -17,8 +17,9 @@ size. Both peers decode greedily in fp32 with EOS ignored, so every sequence mak
 near-ties, so an early flip can make the rest of a sequence differ).
 
 The peers' settings:
-* nanoseek: one engine per cell sized to it, decode step compiled (--no-compile: eager); a short
-  warm-up run at the same batch size compiles it before the timed runs.
+* nanoseek: one engine per cell sized to it; its decode step compiled (--no-compile: eager) when
+  batch × experts per token <= routed experts, the MoE's compilable gathered path (the `ns` column
+  says C or E); a short warm-up run at the same batch size compiles it before the timed runs.
 * transformers: its fastest CPU settings measured here: SDPA attention, `grouped_mm` experts (its
   default), DynamicCache. In transformers 5 DeepSeek-V3's cache also holds the MLA latent, but
   each step re-expands every cached latent into per-head K and V. Its static cache with
@@ -104,6 +105,9 @@ def prompts_for(vocab: int, batch: int, length: int, seed: int) -> list[list[int
 def run_nanoseek(model, prompts, new_tokens: int, repeats: int = 1, speculative=None, compile=True) -> dict:
     """One engine sized for this cell; a short warm-up at the same batch size compiles the step
     (the cache length is static, so the graph is reused by the timed runs)."""
+    # Each engine compiles its own graph (its own static cache length); dropping the previous
+    # cells' graphs keeps Dynamo's guard checks per step as short as in a fresh process.
+    torch._dynamo.reset()
     engine = Engine(model, max_batch_size=len(prompts), max_seq_len=len(prompts[0]) + new_tokens, compile=compile)
     engine.generate([p[:16] for p in prompts], max_new_tokens=4, ignore_eos=True, speculative=speculative)
     best = None
@@ -174,7 +178,7 @@ def _f(x, suffix="", d=1) -> str:
 
 
 def decode_table(a, model, hf, formula: int) -> list[dict]:
-    header = (f"{'batch':>5} {'prompt':>6} | {'nanoseek tok/s':>14} {'transformers tok/s':>18} {'speed-up':>8} | "
+    header = (f"{'batch':>5} {'prompt':>6} {'ns':>2} | {'nanoseek tok/s':>14} {'transformers tok/s':>18} {'speed-up':>8} | "
               f"{'cache B/tok ns':>14} {'hf':>6} {'formula':>7} | {'agree':>5} | {'prefill s ns/hf':>15}")
     print(header + "\n" + "-" * len(header), flush=True)
     rows = []
@@ -194,8 +198,10 @@ def decode_table(a, model, hf, formula: int) -> list[dict]:
                        nanoseek_cache_bytes=get(ns, "cache_bytes"), transformers_cache_bytes=get(tf, "cache_bytes"),
                        formula_cache_bytes=formula, agree=agree, nanoseek_prefill_s=get(ns, "prefill_s"),
                        transformers_prefill_s=get(tf, "prefill_s"))
+            row["nanoseek_compiled"] = a.compile and B * model.args.num_experts_per_tok <= model.args.n_routed_experts
             rows.append(row)
-            print(f"{B:>5} {P:>6} | {_f(row['nanoseek_tok_s']):>14} {_f(row['transformers_tok_s']):>18} "
+            print(f"{B:>5} {P:>6} {'C' if row['nanoseek_compiled'] else 'E':>2} | "
+                  f"{_f(row['nanoseek_tok_s']):>14} {_f(row['transformers_tok_s']):>18} "
                   f"{_f(row['speedup'], 'x'):>8} | {_f(row['nanoseek_cache_bytes'], d=0):>14} "
                   f"{_f(row['transformers_cache_bytes'], d=0):>6} {formula:>7} | {_f(agree, d=2):>5} | "
                   f"{_f(row['nanoseek_prefill_s']) + '/' + _f(row['transformers_prefill_s']):>15}", flush=True)
@@ -241,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    # one compiled graph per engine (each has its own static cache length): allow them all
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint(a, Path(tmp))

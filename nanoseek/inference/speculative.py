@@ -54,19 +54,18 @@ def window(newest: torch.Tensor, depth: int) -> torch.Tensor:
 
 
 def draft(mtp_step, prev: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, newest: torch.Tensor,
-          mtp_cache: list, reqs, kv_len: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+          mtp_cache: list, reqs, kv_len: int) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Chain the D MTP modules over the window and draft D tokens per row.
 
     mtp_step: the model's `mtp_step` (or a compiled one); one cache pair per depth in `mtp_cache`;
     prev [n, W, hidden]: main hidden at the window positions; positions [n, W] (from `window`);
     tokens [n, W+1+D]: tokens at positions newest-W .. newest+D, the last D slots are filled here;
-    newest [n]; kv_len: MTP cache rows to attend over (default: just the needed ones). Returns (drafts [n, D], q: per depth the draft distributions [n, V] of sampled
+    newest [n]; kv_len: MTP cache rows to attend over (at least max(newest)). Returns (drafts [n, D], q: per depth the draft distributions [n, V] of sampled
     rows, None where every row is greedy).
     """
     D = len(mtp_cache)
     W = D + 1
     offset = (newest - W)[:, None]
-    kv_len = kv_len or int(newest.max())
     sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
     qs: list[torch.Tensor | None] = []
     for k in range(1, D + 1):

@@ -120,16 +120,22 @@ class Experts(nn.Module):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group times w[g]^T. x [M, in], w [E, out, in], offsets = cumsum(counts)."""
-    if x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling()):
+    if x.dtype == torch.bfloat16:
         return F.grouped_mm(x, w.transpose(1, 2), offs=offsets)
-    # CUDA grouped GEMM wants bf16, and so does torch.compile's trace of it on CPU; other cases fall
-    # back to one matmul per non-empty expert (under torch.compile: a graph break at .tolist()).
+    if x.device.type == "cpu":
+        return _cpu_grouped_mm(x, w, offsets)
+    # CUDA grouped GEMM wants bf16; other dtypes fall back to one matmul per non-empty expert.
     out, start = x.new_empty(x.shape[0], w.shape[1]), 0
     for e, n in enumerate(counts.tolist()):
         if n:
             out[start : start + n] = x[start : start + n] @ w[e].T
             start += n
     return out
+
+
+@torch.compiler.disable  # torch.compile traces F.grouped_mm on CPU only in bf16: a graph break, run eagerly
+def _cpu_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x, w.transpose(1, 2), offs=offsets)
 
 
 class MoE(nn.Module):
