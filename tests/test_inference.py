@@ -159,7 +159,8 @@ def test_cache_holds_only_the_latent_and_rope_key():
     assert engine.cache_bytes_per_token == want == engine.stats["cache_bytes_per_token"]
     rows = engine.cache.max_batch * engine.cache.max_len
     assert engine.cache.nbytes == want * rows
-    assert [tuple(t.shape[2:]) for t in engine.cache.layers[0]] == [(args.kv_lora_rank,), (args.qk_rope_head_dim,)]
+    assert [tuple(kv.shape) for kv in engine.cache.layers] == \
+        [(2, engine.cache.max_len, args.kv_lora_rank + args.qk_rope_head_dim)] * args.num_hidden_layers
 
 
 # --- sampling --------------------------------------------------------------------------------

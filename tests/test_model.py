@@ -107,8 +107,7 @@ def test_naive_and_absorbed_attention_agree(q_lora):
         absorbed = model.run(ids, absorbed=True).logits
         # and through a latent cache, decoding one token at a time
         S = 32
-        cache = [(torch.zeros(2, S, args.kv_lora_rank), torch.zeros(2, S, args.qk_rope_head_dim))
-                 for _ in range(args.num_hidden_layers)]
+        cache = [torch.zeros(2, S, args.kv_lora_rank + args.qk_rope_head_dim) for _ in range(args.num_hidden_layers)]
         steps = [model.run(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits
                  for t in range(ids.shape[1])]
     assert (naive - absorbed).abs().max() < 1e-4

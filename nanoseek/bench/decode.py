@@ -36,13 +36,16 @@ untrained (acceptance ~0); --mtp-model names a trained checkpoint (given a token
 the start of Python's argparse.py, the kind of text the tiny run trains on).
 
 Figures are from one process on a possibly shared machine: the header and footer print the CPU
-pressure (/proc/pressure/cpu), and two threads on two busy cores can be many times slower.
+pressure (/proc/pressure/cpu), and two threads on two busy cores can be many times slower. The
+header also shows OMP_WAIT_POLICY when set: PASSIVE makes tiny-model decoding ~4x slower (each
+small op wakes a sleeping thread).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint: {a.model or ('random ' + a.preset)} | {model.num_params() / 1e6:.1f}M params "
               f"({model.num_params(active=True) / 1e6:.1f}M active), {args.num_hidden_layers} layers, "
               f"vocab {args.vocab_size} | fp32, {torch.get_num_threads()} threads | {a.new_tokens} new tokens, "
-              f"best of {a.repeats} | nanoseek {'compiled' if a.compile else 'eager'} | cpu pressure {cpu_pressure()}",
+              f"best of {a.repeats} | nanoseek {'compiled' if a.compile else 'eager'} | cpu pressure {cpu_pressure()}"
+              f"{' | OMP_WAIT_POLICY=' + os.environ['OMP_WAIT_POLICY'] if 'OMP_WAIT_POLICY' in os.environ else ''}",
               flush=True)
         rows += decode_table(a, model, hf, formula)
         if not a.no_speculative and "nanoseek" in a.peers:

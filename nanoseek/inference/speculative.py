@@ -32,7 +32,7 @@ def prefill_mtp(model, hidden: torch.Tensor, ids: torch.Tensor, start: int, mtp_
     """Fill the MTP caches for one prefill chunk.
 
     hidden [g, T, hidden]: the main model's final hidden states at positions start..start+T-1;
-    ids [g, >= start+T+D]: the (padded) prompt tokens; mtp_cache: one (latent, rope) pair per depth.
+    ids [g, >= start+T+D]: the (padded) prompt tokens; mtp_cache: one layer cache per depth.
     Rows whose next tokens are not known yet (the prompt's last D+1 positions, padding) get
     provisional values that the first draft window rewrites. Uses the naive attention path, which
     is the cheap one for long chunks.
@@ -57,7 +57,7 @@ def draft(mtp_step, prev: torch.Tensor, tokens: torch.Tensor, positions: torch.T
           mtp_cache: list, reqs, kv_len: int) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Chain the D MTP modules over the window and draft D tokens per row.
 
-    mtp_step: the model's `mtp_step` (or a compiled one); one cache pair per depth in `mtp_cache`;
+    mtp_step: the model's `mtp_step` (or a compiled one); one layer cache per depth in `mtp_cache`;
     prev [n, W, hidden]: main hidden at the window positions; positions [n, W] (from `window`);
     tokens [n, W+1+D]: tokens at positions newest-W .. newest+D, the last D slots are filled here;
     newest [n]; kv_len: MTP cache rows to attend over (at least max(newest)). Returns (drafts [n, D], q: per depth the draft distributions [n, V] of sampled

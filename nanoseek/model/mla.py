@@ -12,8 +12,8 @@ Two paths over the same weights:
   causal attention. Cheapest when every token attends to a chunk it just computed.
 * **absorbed** (decoding): never expand the cache. Since score = q_C·(W_UK c) + q_R·k_R, fold W_UK
   into the query (q_C W_UK is a kv_lora_rank-dim query against the cached latent), attend over the
-  latents, and apply W_UV after the weighted sum. The cache holds only norm(c_KV) and rotated k_R:
-  kv_lora_rank + qk_rope_head_dim values per token per layer.
+  latents, and apply W_UV after the weighted sum. The cache holds only norm(c_KV) and rotated k_R,
+  side by side in one row: kv_lora_rank + qk_rope_head_dim values per token per layer.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class MLA(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
         absorbed: bool | None = None,
@@ -81,27 +81,28 @@ class MLA(nn.Module):
         """x [B, T, hidden] -> [B, T, hidden].
 
         Without `cache`: causal attention over the T tokens (naive path unless `absorbed=True`).
-        With `cache` = (latent_cache [B, S, kv_lora_rank], rope_cache [B, S, rope]) and `positions`
-        LongTensor[B, T]: the new latents are written at their positions, then each query attends to
-        cache rows [0, its position] among the first `kv_len` rows (default S). Rows past a
-        sequence's position are masked, so stale slots never leak. Cached attention defaults to the
-        absorbed path; `absorbed=False` expands the cached latents instead (same result).
+        With `cache` [B, S, kv_lora_rank + qk_rope_head_dim] (each row [norm(c_KV) ; rotated k_R])
+        and `positions` LongTensor[B, T]: the new rows are written at their positions, then each
+        query attends to cache rows [0, its position] among the first `kv_len` rows (default S).
+        Rows past a sequence's position are masked, so stale slots never leak. Cached attention
+        defaults to the absorbed path; `absorbed=False` expands the cached latents instead (same
+        result).
         """
         q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
         if cache is None:
             if absorbed:
-                return self._absorbed(q_nope, q_rope, latent, k_rope, mask=_causal(x.shape[1], x.device))
+                kv = torch.cat([latent, k_rope], dim=-1)
+                return self._absorbed(q_nope, q_rope, kv, mask=_causal(x.shape[1], x.device))
             return self._naive(q_nope, q_rope, latent, k_rope, mask=None)
-        latent_cache, rope_cache = cache
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        latent_cache[rows, positions] = latent.to(latent_cache.dtype)
-        rope_cache[rows, positions] = k_rope.to(rope_cache.dtype)
-        S = kv_len or latent_cache.shape[1]
+        cache[rows, positions] = torch.cat([latent, k_rope], dim=-1).to(cache.dtype)
+        S = kv_len or cache.shape[1]
+        kv = cache[:, :S].to(latent.dtype)
         mask = torch.arange(S, device=x.device) <= positions[:, :, None]  # [B, T, S]
-        kv, kr = latent_cache[:, :S].to(latent.dtype), rope_cache[:, :S].to(k_rope.dtype)
         if absorbed is False:
-            return self._naive(q_nope, q_rope, kv, kr, mask=mask)
-        return self._absorbed(q_nope, q_rope, kv, kr, mask=mask)
+            latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            return self._naive(q_nope, q_rope, latent, k_rope, mask=mask)
+        return self._absorbed(q_nope, q_rope, kv, mask=mask)
 
     def _naive(self, q_nope, q_rope, latent, k_rope, mask):
         """Expand latents to per-head K/V and run SDPA. mask: None (causal) or bool [B, T, S]."""
@@ -123,16 +124,20 @@ class MLA(nn.Module):
         )[..., : self.v_dim]  # [B, H, T, v]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):
-        """Attend in the latent space. latent [B,S,r], k_rope [B,S,rope], mask bool [B|1, T, S]."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+    def _absorbed(self, q_nope, q_rope, kv, mask):
+        """Attend in the latent space. kv [B, S, kv_lora_rank + rope] (rows [c_KV ; k_R]),
+        mask bool [B|1, T, S] or None (attend to all S)."""
+        B, T, H, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # W_UK folded into the query
-        scores = torch.einsum("bthr,bsr->bhts", q_latent, latent) + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)
-        scores = scores.float() * self.softmax_scale
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        probs = scores.softmax(dim=-1).to(latent.dtype)
-        out = torch.einsum("bhts,bsr->bthr", probs, latent)
+        # score = [q_C W_UK ; q_R] · [c_KV ; k_R]: one matmul over each cached row, read once
+        q = torch.cat([q_latent, q_rope], dim=-1).flatten(1, 2) * self.softmax_scale  # [B, T*H, r+rope]
+        scores = torch.bmm(q, kv.transpose(1, 2)).float().view(B, T, H, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(kv.dtype).flatten(1, 2)  # [B, T*H, S]
+        out = torch.bmm(probs, kv[..., : self.kv_lora_rank]).view(B, T, H, -1)
         out = torch.einsum("bthr,hvr->bthv", out, w_uv)  # W_UV applied after the weighted sum
         return self.o_proj(out.flatten(2))
 

@@ -25,7 +25,7 @@ from .mla import MLA
 from .moe import MoE, Routing
 from .rope import inv_frequencies
 
-LayerCache = tuple[torch.Tensor, torch.Tensor]  # (latent [B, S, kv_lora_rank], rope key [B, S, qk_rope_head_dim])
+LayerCache = torch.Tensor  # [B, S, kv_lora_rank + qk_rope_head_dim]: rows [norm(c_KV) ; rotated k_R]
 
 
 class Block(nn.Module):
@@ -139,7 +139,7 @@ class Transformer(nn.Module):
         """The full forward with every option.
 
         input_ids [B, T]; positions [B, T] absolute positions (default 0..T-1); cache: one
-        (latent, rope) pair per main layer (extra entries for MTP layers are ignored here), written
+        LayerCache per main layer (extra entries for MTP layers are ignored here), written
         at `positions` (see MLA.forward); mtp: also run the MTP modules over this chunk (training);
         logits=False skips the output head, for the main model and MTP (callers that need only
         some positions, or a loss that fuses the head with the cross-entropy).
@@ -175,7 +175,7 @@ class Transformer(nn.Module):
         """One cached MTP depth for speculative decoding.
 
         prev [B, T, hidden] (main normed hidden for k=1), next_ids [B, T] tokens t_{i+k},
-        positions [B, T] of the hidden states, cache: that MTP layer's (latent, rope) pair.
+        positions [B, T] of the hidden states, cache: that MTP layer's LayerCache.
         Returns (logits [B, T, V] for t_{i+k+1}, block output [B, T, hidden] for depth k+1).
         """
         module = self.mtp[k - 1]
