@@ -387,9 +387,10 @@ def test_chat_prompt_and_reasoning_split(tokenizer):
                     "<｜User｜>again<｜Assistant｜>")
     assert tokenizer.decode(chat_prompt(tokenizer, messages, think=True)).endswith("<｜Assistant｜><think>\n")
     assert split_reasoning("<think>\nlet me see\n</think>\n\n42") == ("let me see", "42")
-    assert split_reasoning("let me see</think>42") == ("let me see", "42")
+    assert split_reasoning("let me see</think>42", in_reasoning=True) == ("let me see", "42")
+    assert split_reasoning("let me see</think>42") == ("", "let me see</think>42")  # never opened: all answer
     assert split_reasoning("<think>still going") == ("still going", "")
-    assert split_reasoning("still going", thinking=True) == ("still going", "")
+    assert split_reasoning("still going", in_reasoning=True) == ("still going", "")
     assert split_reasoning("just an answer") == ("", "just an answer")
 
 

@@ -35,7 +35,7 @@ from nanoseek.data.tokenizer import CHAT_TEMPLATE
 from nanoseek.inference import Engine
 from nanoseek.model import Transformer
 from nanoseek.serve import ServerState, create_app
-from nanoseek.serve.reasoning import ReasoningParser, split_reasoning
+from nanoseek.inference.reasoning import ReasoningParser, split_reasoning
 from nanoseek.stages import init as init_stage
 
 CONTEXT = 256  # small, so the context-limit error is cheap to reach

@@ -8,8 +8,9 @@
 Per (batch, prompt length) cell: **decode tokens/s** = batch × (new tokens - 1) / the time from
 the first generated token to the last, so prefill is excluded the same way for both peers:
 transformers' steps are timestamped by a logits processor (called once per forward), nanoseek's
-by its own decode-step timer. Each peer runs the cell --repeats times and the best run counts
-(interference on a shared machine only ever slows a run down). **Cache bytes per token**:
+by its own decode-step timer. The peers take turns, --repeats passes each (default 3), and each
+peer's best pass counts (interference on a shared machine only ever slows a pass down; taking
+turns spreads a stretch of it over both). **Cache bytes per token**:
 nanoseek's preallocated latent cache; the bytes transformers' DynamicCache holds after the run /
 (batch × sequence length); and the formula num_layers × (kv_lora_rank + qk_rope_head_dim) × dtype
 size. Both peers decode greedily in fp32 with EOS ignored, so every sequence makes every token;
@@ -65,7 +66,7 @@ def parse_args(argv):
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--prompt-lens", default="512,4096")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per peer and cell; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per peer and cell (alternating); the best counts")
     p.add_argument("--peers", default="nanoseek,transformers")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile nanoseek's decode step (default on; --no-compile: eager)")
@@ -105,22 +106,38 @@ def prompts_for(vocab: int, batch: int, length: int, seed: int) -> list[list[int
 
 
 # --- peers ---------------------------------------------------------------------------------------
-def run_nanoseek(model, prompts, new_tokens: int, repeats: int = 1, speculative=None, compile=True) -> dict:
-    """One engine sized for this cell; a short warm-up at the same batch size compiles the step
-    (the cache length is static, so the graph is reused by the timed runs)."""
+# Each peer is set up once per cell (loaded, warmed up, compiled) and returns a `run()` that makes
+# one timed pass; `best_of` alternates the peers' passes, so a stretch of interference on a shared
+# machine hits both rather than one.
+def nanoseek_peer(model, prompts, new_tokens: int, compile=True, speculative=(None,)):
+    """One engine sized for this cell; a short warm-up per speculative mode at the same batch size
+    compiles the step (the cache length is static, so the graph is reused by the timed runs).
+    Returns run(mode) -> dict for each mode in `speculative` (None: plain decoding)."""
     # Each engine compiles its own graph (its own static cache length); dropping the previous
     # cells' graphs keeps Dynamo's guard checks per step as short as in a fresh process.
     torch._dynamo.reset()
     engine = Engine(model, max_batch_size=len(prompts), max_seq_len=len(prompts[0]) + new_tokens, compile=compile)
-    engine.generate([p[:16] for p in prompts], max_new_tokens=4, ignore_eos=True, speculative=speculative)
-    best = None
-    for _ in range(repeats):
-        outs = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True, speculative=speculative)
+    for mode in speculative:
+        engine.generate([p[:16] for p in prompts], max_new_tokens=4, ignore_eos=True, speculative=mode)
+
+    def run(mode=None) -> dict:
+        outs = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True, speculative=mode)
         s = engine.stats
-        if best is None or s["decode_tokens_per_s"] > best["decode_tok_s"]:
-            best = dict(decode_tok_s=s["decode_tokens_per_s"], prefill_s=s["prefill_s"], tokens=outs,
-                        cache_bytes=engine.cache_bytes_per_token, acceptance=s.get("acceptance_rate"),
-                        tokens_per_step=s["tokens_per_row_step"])
+        return dict(decode_tok_s=s["decode_tokens_per_s"], prefill_s=s["prefill_s"], tokens=outs,
+                    cache_bytes=engine.cache_bytes_per_token, acceptance=s.get("acceptance_rate"),
+                    tokens_per_step=s["tokens_per_row_step"])
+    return run
+
+
+def best_of(runs: dict, repeats: int) -> dict:
+    """runs {name: run()}: `repeats` rounds, each running every peer once; the best pass (highest
+    decode tokens/s) of each peer counts, since interference only ever slows a pass down."""
+    best: dict = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            r = run()
+            if name not in best or r["decode_tok_s"] > best[name]["decode_tok_s"]:
+                best[name] = r
     return best
 
 
@@ -133,7 +150,8 @@ def load_transformers(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
-def run_transformers(hf, prompts, new_tokens: int, repeats: int = 1) -> dict:
+def transformers_peer(hf, prompts, new_tokens: int):
+    """transformers' `generate`, warmed up; returns run() -> dict (one timed pass)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class StepClock(LogitsProcessor):
@@ -151,21 +169,20 @@ def run_transformers(hf, prompts, new_tokens: int, repeats: int = 1) -> dict:
 
     ids = torch.tensor(prompts)
     B, P = ids.shape
-    best = None
     with torch.inference_mode():
         generate(ids[:, :16], 4, StepClock())  # warm-up
-        for _ in range(repeats):
-            clock = StepClock()
-            t0 = time.perf_counter()
+
+    def run() -> dict:
+        clock = StepClock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
             out = generate(ids, new_tokens, clock)
-            rate = B * (new_tokens - 1) / (clock.times[-1] - clock.times[0])
-            if best is None or rate > best["decode_tok_s"]:
-                cache = out.past_key_values
-                held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-                best = dict(decode_tok_s=rate, prefill_s=clock.times[0] - t0, tokens=out.sequences[:, P:].tolist(),
-                            cache_bytes=held / (B * cache.layers[0].keys.shape[-2]))
-            del out
-    return best
+        cache = out.past_key_values
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        return dict(decode_tok_s=B * (new_tokens - 1) / (clock.times[-1] - clock.times[0]),
+                    prefill_s=clock.times[0] - t0, tokens=out.sequences[:, P:].tolist(),
+                    cache_bytes=held / (B * cache.layers[0].keys.shape[-2]))
+    return run
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -188,8 +205,13 @@ def decode_table(a, model, hf, formula: int) -> list[dict]:
     for P in a.prompt_lens:
         for B in a.batch_sizes:
             prompts = prompts_for(model.args.vocab_size, B, P, a.seed)
-            ns = run_nanoseek(model, prompts, a.new_tokens, a.repeats, compile=a.compile) if "nanoseek" in a.peers else None
-            tf = run_transformers(hf, prompts, a.new_tokens, a.repeats) if hf is not None else None
+            runs = {}
+            if "nanoseek" in a.peers:
+                runs["nanoseek"] = nanoseek_peer(model, prompts, a.new_tokens, compile=a.compile)
+            if hf is not None:
+                runs["transformers"] = transformers_peer(hf, prompts, a.new_tokens)
+            best = best_of(runs, a.repeats)
+            ns, tf = best.get("nanoseek"), best.get("transformers")
             agree = None
             if ns and tf:
                 pairs = [(x, y) for s, t in zip(ns["tokens"], tf["tokens"]) for x, y in zip(s, t)]
@@ -222,8 +244,9 @@ def speculative_table(a, model) -> list[dict]:
             print(f"  {name}: no MTP modules")
             continue
         prompts = _mtp_prompt(a, m, path)
-        plain = run_nanoseek(m, prompts, a.new_tokens, a.repeats, compile=a.compile)
-        fast = run_nanoseek(m, prompts, a.new_tokens, a.repeats, speculative="mtp", compile=a.compile)
+        run = nanoseek_peer(m, prompts, a.new_tokens, compile=a.compile, speculative=(None, "mtp"))
+        best = best_of({"plain": run, "mtp": lambda: run("mtp")}, a.repeats)
+        plain, fast = best["plain"], best["mtp"]
         row = dict(checkpoint=name, prompt=len(prompts[0]), plain_tok_s=plain["decode_tok_s"],
                    mtp_tok_s=fast["decode_tok_s"], acceptance=fast["acceptance"],
                    tokens_per_step=fast["tokens_per_step"], speedup=fast["decode_tok_s"] / plain["decode_tok_s"],

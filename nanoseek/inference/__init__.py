@@ -5,11 +5,13 @@
     sampling.py     SamplingParams, temperature / top-k / top-p / min-p, seeded draws, logprobs
     speculative.py  drafting with the MTP modules and the verification rule
     text.py         incremental detokenisation and stop strings
-    chat.py         chat prompts from the tokenizer's template, R1 reasoning / answer split
+    chat.py         chat prompts from the tokenizer's template
+    reasoning.py    R1 replies split into reasoning and answer, whole or as they stream
 """
 
-from .chat import chat_prompt, split_reasoning
+from .chat import chat_prompt
+from .reasoning import ReasoningParser, split_reasoning
 from .engine import Engine, StepEvent
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "SamplingParams", "StepEvent", "chat_prompt", "split_reasoning"]
+__all__ = ["Engine", "SamplingParams", "StepEvent", "chat_prompt", "ReasoningParser", "split_reasoning"]

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.inference import SamplingParams
 from nanoseek.serve import protocol as P
 from nanoseek.serve.metrics import Metrics
-from nanoseek.serve.reasoning import ReasoningParser, prompt_opens_thinking
+from nanoseek.inference.reasoning import ReasoningParser, prompt_opens_thinking
 from nanoseek.serve.scheduler import EngineFailure, Job, QueueFull, Scheduler
 
 log = logging.getLogger("nanoseek.serve")

@@ -1,7 +1,8 @@
 """DeepSeek-R1's reasoning parser: `<think>...</think>` to `reasoning_content`, the rest to `content`.
 
 R1 writes its chain of thought between `<think>` and `</think>`, then the answer. DeepSeek's
-API returns the two separately, and so does this server with `--reasoning-parser deepseek-r1`.
+API returns the two separately, and so does `nanoseek serve --reasoning-parser deepseek-r1`;
+`split_reasoning` does the same for a finished reply (generation scripts, RL reward functions).
 
 The split runs on text deltas as they stream, so a tag can arrive cut anywhere ("<th", "ink>"):
 text that could still be the start of a tag is held back until the next delta decides it.
