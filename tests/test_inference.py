@@ -402,7 +402,12 @@ def test_compiled_decode_matches_eager():
     eager = Engine(model, max_batch_size=2, max_seq_len=40)
     compiled = Engine(model, max_batch_size=2, max_seq_len=40, compile=True)
     want = eager.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    compiled.warmup()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert compiled.generate(prompts, max_new_tokens=8, ignore_eos=True) == want
+    assert compiled.generate(prompts[:1], max_new_tokens=8, ignore_eos=True) == want[:1]
+    # warmup compiled the batch-1 and batch-2 graphs: no compiling during real requests
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0
 
 
 def test_bench_decode_smoke(tmp_path, capsys):

@@ -198,6 +198,15 @@ class Engine:
                                              self.dtype, self.device)
         self.speculative = mode
 
+    def warmup(self) -> None:
+        """Compile the decode step now rather than during the first requests (compile=True; a no-op
+        otherwise): a few tokens at batch 1 and at batch 2, since torch.compile specialises batch 1
+        and serves every larger batch with one dynamic-size graph. In the engine's speculative mode."""
+        if self._compiled_forward is None:
+            return
+        for n in sorted({1, min(2, self.max_batch_size)}):
+            self.generate([[0] * 4] * n, max_new_tokens=4, ignore_eos=True, speculative=self.speculative)
+
     # --- continuous batching ---------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
         """Queue a request; it is prefilled at the next `step`. Returns its id.

@@ -151,10 +151,14 @@ def report(engine) -> None:
 
 def make_engine(a, model, tokenizer, batch: int, max_seq_len: int) -> Engine:
     try:
-        return Engine(model, max_batch_size=batch, max_seq_len=max_seq_len, tokenizer=tokenizer,
-                      speculative=a.speculative, compile=a.compile)
+        engine = Engine(model, max_batch_size=batch, max_seq_len=max_seq_len, tokenizer=tokenizer,
+                        speculative=a.speculative, compile=a.compile)
     except ValueError as e:
         raise GenerateError(str(e)) from None
+    if a.compile:  # compile before the real work, so the decode speed reported is the compiled one
+        print("compiling the decode step...", file=sys.stderr, flush=True)
+        engine.warmup()
+    return engine
 
 
 def one_prompt(a, model, tokenizer) -> int:

@@ -92,9 +92,7 @@ def load(a: argparse.Namespace, state: ServerState) -> None:
     max_len = min(a.max_model_len, model.args.max_position_embeddings)
     engine = Engine(model, max_batch_size=a.max_batch_size, max_seq_len=max_len,
                     tokenizer=tokenizer, compile=a.compile)
-    if a.compile:  # compile now rather than during the first requests: one graph for batch 1, one for more
-        for n in sorted({1, min(2, a.max_batch_size)}):
-            engine.generate([[tokenizer.bos_id] * 4] * n, max_new_tokens=4, ignore_eos=True)
+    engine.warmup()  # with --compile: compile now, not during the first requests
     state.start(engine, tokenizer)
     log.info("model %s ready in %.1fs: %d slots, context %d tokens", state.model_name,
              time.perf_counter() - t0, a.max_batch_size, max_len)
