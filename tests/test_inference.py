@@ -4,12 +4,13 @@ upkeep, the sampling distribution), stop conditions, text streaming and chat hel
 
 import json
 import math
+import random
 
 import pytest
 import torch
 
 from nanoseek.data import train_bpe
-from nanoseek.inference import Engine, SamplingParams, chat_prompt, split_reasoning
+from nanoseek.inference import Engine, ReasoningParser, SamplingParams, chat_prompt, split_reasoning
 from nanoseek.inference import speculative as spec
 from nanoseek.inference.sampling import draw, probabilities
 from nanoseek.inference.text import TextStream
@@ -426,3 +427,35 @@ def test_bench_decode_smoke(tmp_path, capsys):
     assert len(cells) == 2 and all(r["nanoseek_cache_bytes"] == r["formula_cache_bytes"] for r in cells)
     assert all(r["transformers_tok_s"] > 0 for r in cells)
     assert [r["identical"] for r in rows if "checkpoint" in r] == [True]
+
+
+# ---------------------------------------------------------------------------------------------
+# The R1 reasoning parser (the server's --reasoning-parser deepseek-r1)
+
+
+@pytest.mark.parametrize("text, reasoning, content", [
+    ("<think>\nI think.\n</think>\n\nThe answer.", "I think.", "The answer."),
+    ("  <think>a</think>b", "a", "b"),
+    ("Hello <think>x</think>", "", "Hello <think>x</think>"),  # no leading tag: all content
+    (" Hello", "", " Hello"),
+    ("<think>unfinished  ", "unfinished", ""),
+    ("<thi", "", "<thi"),
+    ("<think>a </th e</think>ok", "a </th e", "ok"),
+    ("", "", ""),
+])
+def test_reasoning_parser_any_split(text, reasoning, content):
+    assert split_reasoning(text) == (reasoning, content)
+    rng = random.Random(0)
+    for _ in range(100):  # the same answer however the text is cut into deltas
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        parser, got_r, got_c = ReasoningParser(), "", ""
+        for a, b in zip([0] + cuts, cuts + [len(text)]):
+            r, c = parser.feed(text[a:b])
+            got_r, got_c = got_r + r, got_c + c
+        r, c = parser.finish()
+        assert (got_r + r, got_c + c) == (reasoning, content)
+
+
+def test_reasoning_parser_prompt_opened_think():
+    assert split_reasoning("so 6*7=42\n</think>\n\n42", in_reasoning=True) == ("so 6*7=42", "42")
+    assert split_reasoning("no end tag", in_reasoning=True) == ("no end tag", "")

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import pytest
-from test_serve import checkpoint, r1_tokenizer, serve, thinking_model, tokenizer  # noqa: F401
+from serving import checkpoint, r1_tokenizer, serve, thinking_model, tokenizer  # noqa: F401
 
 CHROMIUM = os.environ.get("NANOSEEK_CHROMIUM") or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
