@@ -204,8 +204,9 @@ class Engine:
         and serves every larger batch with one dynamic-size graph. In the engine's speculative mode."""
         if self._compiled_forward is None:
             return
+        length = min(4, self.max_seq_len // 2)  # prompt and new tokens both fit any max_seq_len >= 2
         for n in sorted({1, min(2, self.max_batch_size)}):
-            self.generate([[0] * 4] * n, max_new_tokens=4, ignore_eos=True, speculative=self.speculative)
+            self.generate([[0] * length] * n, max_new_tokens=length, ignore_eos=True, speculative=self.speculative)
 
     # --- continuous batching ---------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
