@@ -126,7 +126,7 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_rope, kv, mask):
         """Attend in the latent space. kv [B, S, kv_lora_rank + rope] (rows [c_KV ; k_R]),
-        mask bool [B|1, T, S] or None (attend to all S)."""
+        mask bool [B|1, T, S]."""
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
@@ -134,8 +134,7 @@ class MLA(nn.Module):
         # score = [q_C W_UK ; q_R] · [c_KV ; k_R]: one matmul over each cached row, read once
         q = torch.cat([q_latent, q_rope], dim=-1).flatten(1, 2) * self.softmax_scale  # [B, T*H, r+rope]
         scores = torch.bmm(q, kv.transpose(1, 2)).float().view(B, T, H, -1)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(kv.dtype).flatten(1, 2)  # [B, T*H, S]
         out = torch.bmm(probs, kv[..., : self.kv_lora_rank]).view(B, T, H, -1)
         out = torch.einsum("bthr,hvr->bthv", out, w_uv)  # W_UV applied after the weighted sum
