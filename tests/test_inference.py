@@ -16,13 +16,9 @@ from nanoseek.inference.sampling import draw, probabilities
 from nanoseek.inference.text import TextStream
 from nanoseek.model import Transformer, preset
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+# tiny models: one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = [[5, 17, 99], [0] + list(range(40, 50)), [0] + list(range(60, 69)), [7], [3, 1000, 2000, 3000, 12]]
