@@ -82,6 +82,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the rows as JSONL here")
     a = p.parse_args(argv)
+    if a.repeats < 1 or a.new_tokens < 2:
+        p.error("--repeats must be at least 1 and --new-tokens at least 2")
     if a.quick:
         a.batch_sizes, a.prompt_lens, a.new_tokens, a.repeats, a.cell_seconds = "1", "512", 32, 1, 0.0
     a.batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
