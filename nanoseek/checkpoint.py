@@ -9,6 +9,7 @@ Layout (what the released DeepSeek checkpoints and transformers use):
                                                                     embed_tokens and shared_head.head)
 FP8 checkpoints store `float8_e4m3fn` weights with `<name>_scale_inv` [ceil(out/128), ceil(in/128)]:
 weight = fp8 · scale per 128×128 block (ragged edge blocks included). They are dequantised on load.
+A scale may sit in another shard than its weight (shards are cut by size); the index says where.
 
 Loading streams one tensor at a time into a model allocated once, so peak memory is the model plus
 one tensor. Saving writes a temporary directory and renames it into place: a crash never leaves a
@@ -150,21 +151,30 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> t
 
 
 # --- load ------------------------------------------------------------------------------------
-def _shard_files(path: Path) -> list[Path]:
+def _shard_files(path: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The checkpoint's files, and the index's tensor name -> file map (None for a single file)."""
     index = path / INDEX_NAME
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-        files = sorted(set(weight_map.values()))
         for f in files:
             if not (path / f).exists():
                 raise CheckpointError(f"{index}: lists shard {f!r}, which is missing from {path}")
-        return [path / f for f in files]
+        return [path / f for f in files], {name: path / f for name, f in weight_map.items()}
     if (path / SINGLE_NAME).exists():
-        return [path / SINGLE_NAME]
+        return [path / SINGLE_NAME], None
     raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+def _read_other_shard(file: Path, name: str) -> torch.Tensor:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
 
 def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
@@ -180,7 +190,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json (not an HF-layout model directory)")
     args = ModelArgs.from_json(path / "config.json")
-    files = _shard_files(path)
+    files, weight_map = _shard_files(path)
     if args.num_nextn_predict_layers and not _has_layer(files, args.num_hidden_layers):
         # transformers drops MTP modules when it saves; such a checkpoint is still a whole model.
         warnings.warn(f"{path}: config has num_nextn_predict_layers={args.num_nextn_predict_layers} but the "
@@ -208,9 +218,10 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
             raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
         with handle as f:
             keys = set(f.keys())
+            names = keys | set(weight_map or ())  # this shard's tensors and, through the index, the others'
             for name in sorted(keys):
                 if name.endswith("_scale_inv"):
-                    if name[: -len("_scale_inv")] not in keys:
+                    if name[: -len("_scale_inv")] not in names:
                         raise CheckpointError(f"{file}: {name} has no matching weight tensor")
                     continue
                 try:
@@ -226,6 +237,10 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
                 except (SafetensorError, OSError, ValueError, RuntimeError) as e:
                     raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
                 if t.dtype in FP8_DTYPES:
+                    if scale is None and name + "_scale_inv" in (weight_map or {}):
+                        # Real checkpoints are sharded by size: a scale can sit in another shard than
+                        # its weight (DeepSeek's fp8_cast_bf16.py looks scales up in the index too).
+                        scale = _read_other_shard(weight_map[name + "_scale_inv"], name + "_scale_inv")
                     if scale is None:
                         raise CheckpointError(f"{file}: FP8 tensor {name!r} has no {name}_scale_inv")
                     try:

@@ -73,6 +73,67 @@ def reference_dequant(q, s, block=128):
     return out
 
 
+def quantise_like_deepseek(tensors):
+    """FP8 the 2-D projection weights (not embeddings, head, router or norms), adding their scale_inv."""
+    out = {}
+    for name, t in tensors.items():
+        skip = t.dim() != 2 or "embed_tokens" in name or "lm_head" in name or "shared_head.head" in name \
+            or name.endswith("mlp.gate.weight") or "norm" in name
+        if skip:
+            out[name] = t
+        else:
+            out[name], out[name + "_scale_inv"] = quantize_fp8(t)
+    return out
+
+
+def write_fp8(path, shards, config_from):
+    """Write shards (a list of name -> tensor dicts) as an FP8 checkpoint, with an index if more than one."""
+    os.makedirs(path)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname))
+            weight_map.update({name: fname for name in shard})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads(config_from.read_text())
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_fp8_scales_in_another_shard_load_through_the_index(saved, tmp_path):
+    # Real DeepSeek checkpoints are sharded by size, so a weight_scale_inv can land in the next shard.
+    # Bug caught: the loader looking for a weight's scale only in the weight's own file.
+    _, path = saved
+    quantised = quantise_like_deepseek(read_all(path / "model.safetensors"))
+    weights = sorted(n for n in quantised if not n.endswith("_scale_inv"))
+    shards = [{}, {}, {}]
+    for i, name in enumerate(weights):
+        shards[i % 3][name] = quantised[name]
+        if name + "_scale_inv" in quantised:  # every scale in the shard after its weight's
+            shards[(i + 1) % 3][name + "_scale_inv"] = quantised[name + "_scale_inv"]
+    assert sum(n.endswith("_scale_inv") for n in quantised) > 20
+    write_fp8(tmp_path / "one", [quantised], path / "config.json")
+    write_fp8(tmp_path / "split", shards, path / "config.json")
+    expected = Transformer.from_pretrained(tmp_path / "one").state_dict()
+    loaded = Transformer.from_pretrained(tmp_path / "split").state_dict()
+    assert expected.keys() == loaded.keys()
+    for name in expected:
+        assert torch.equal(expected[name], loaded[name]), name
+    # a scale that neither the weight's shard nor the index holds is still named
+    index = json.loads((tmp_path / "split" / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.self_attn.o_proj.weight_scale_inv"]
+    (tmp_path / "split" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for i, shard in enumerate(shards, start=1):
+        if shard.pop("model.layers.1.self_attn.o_proj.weight_scale_inv", None) is not None:
+            save_file(shard, str(tmp_path / "split" / f"model-{i:05d}-of-00003.safetensors"))
+    with pytest.raises(CheckpointError, match=r"o_proj\.weight_scale_inv"):
+        Transformer.from_pretrained(tmp_path / "split")
+
+
 def test_fp8_block_quantised_checkpoint_loads(tmp_path):
     # dims not divisible by 128 (ragged edge blocks) and larger than one block
     args = tiny(hidden_size=160, intermediate_size=300, moe_intermediate_size=136, q_lora_rank=136,
@@ -80,28 +141,19 @@ def test_fp8_block_quantised_checkpoint_loads(tmp_path):
     model = Transformer(args).eval()
     model.save_pretrained(tmp_path / "bf")
     tensors = read_all(tmp_path / "bf" / "model.safetensors")
+    quantised = quantise_like_deepseek(tensors)
     reference = {}
-    quantised = {}
     for name, t in tensors.items():
-        skip = t.dim() != 2 or "embed_tokens" in name or "lm_head" in name or "shared_head.head" in name \
-            or name.endswith("mlp.gate.weight") or "norm" in name
-        if skip:
-            quantised[name] = t
+        if name + "_scale_inv" not in quantised:
             continue
-        q, s = quantize_fp8(t)
+        q, s = quantised[name], quantised[name + "_scale_inv"]
         assert q.dtype == torch.float8_e4m3fn and s.shape == (-(-t.shape[0] // 128), -(-t.shape[1] // 128))
-        quantised[name], quantised[name + "_scale_inv"] = q, s
         reference[name] = reference_dequant(q, s)
         assert torch.equal(dequantize_fp8(q, s), reference[name])
         # e4m3 keeps ~2 significant bits: quantisation error stays within a few percent of the block max
         assert (reference[name] - t).abs().max() <= 0.07 * t.abs().max()
     assert any(t.shape[0] % 128 and t.shape[0] > 128 for t in reference.values())
-    os.makedirs(tmp_path / "fp8")
-    save_file(quantised, str(tmp_path / "fp8" / "model.safetensors"))
-    config = json.loads((tmp_path / "bf" / "config.json").read_text())
-    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                     "weight_block_size": [128, 128]}
-    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    write_fp8(tmp_path / "fp8", [quantised], tmp_path / "bf" / "config.json")
     loaded = Transformer.from_pretrained(tmp_path / "fp8")
     # expected: the bf checkpoint with every quantised weight replaced by its reference dequantisation
     for name, t in reference.items():
