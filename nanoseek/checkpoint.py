@@ -151,6 +151,49 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> t
 
 
 # --- load ------------------------------------------------------------------------------------
+def resolve_model_dir(path) -> Path:
+    """The model directory a user means by `path`; CheckpointError (one line) when there is none.
+
+    Accepts a checkpoint / model directory (has config.json), the `latest` pointer file of a
+    training run, a run's `checkpoints/` directory or the run directory itself (both resolve to
+    the checkpoint `latest` names).
+    """
+    path = Path(path)
+    hint = ("pass a model directory (with config.json), a training run directory or its "
+            "checkpoints/ directory")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory; {hint}")
+    if path.is_file() and (path.parent / "config.json").is_file():
+        return path.parent  # a file inside a model directory (config.json, a shard...)
+    if path.is_file():
+        if path.stat().st_size > 4096:
+            raise CheckpointError(f"{path}: a file, not a model directory or a checkpoint pointer; {hint}")
+        pointer = path
+    elif (path / "config.json").is_file():
+        return path
+    elif (path / "latest").is_file():
+        pointer = path / "latest"
+    elif (path / "checkpoints" / "latest").is_file():
+        pointer = path / "checkpoints" / "latest"
+    else:
+        if (path / "checkpoints").is_dir():
+            where = "its checkpoints/ has no 'latest' checkpoint yet"
+        elif path.name == "checkpoints":
+            where = "no 'latest' checkpoint here yet"
+        else:
+            where = "no config.json there"
+        raise CheckpointError(f"{path}: not a model directory ({where}); {hint}")
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot read it as a checkpoint pointer ({e}); {hint}") from None
+    target = pointer.parent / name
+    if not name or "/" in name or "\\" in name or not (target / "config.json").is_file():
+        raise CheckpointError(f"{pointer}: names {name[:80]!r}, which is not a model directory "
+                              f"(no config.json in {target}); {hint}")
+    return target
+
+
 def _shard_files(path: Path) -> tuple[list[Path], dict[str, Path] | None]:
     """The checkpoint's files, and the index's tensor name -> file map (None for a single file)."""
     index = path / INDEX_NAME
@@ -358,4 +401,4 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["CheckpointError", "ConfigError", "load", "save", "dequantize_fp8", "quantize_fp8"]
+__all__ = ["CheckpointError", "ConfigError", "load", "save", "resolve_model_dir", "dequantize_fp8", "quantize_fp8"]

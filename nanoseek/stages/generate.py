@@ -26,8 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from nanoseek.device import DeviceError, resolve_device
 from nanoseek.inference import Engine, SamplingParams, chat_prompt
 
 # --interactive has no prompts to size the cache from; cap it here unless --max-seq-len says otherwise.
@@ -40,7 +39,9 @@ class GenerateError(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanoseek generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, type=Path, help="HF-layout model directory")
+    p.add_argument("--model", required=True, type=Path,
+                   help="model directory, or a training run (RUN, RUN/checkpoints or RUN/checkpoints/latest: "
+                        "its latest checkpoint)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the model's)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="complete one prompt and print the completion as it streams")
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cache length per request (default: what the prompts need, or "
                         f"{INTERACTIVE_MAX_SEQ_LEN} for --interactive; at most the model's context)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     return p.parse_args(argv)
 
 
@@ -89,10 +90,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load(a):
-    from nanoseek.checkpoint import CheckpointError
+    from nanoseek.checkpoint import CheckpointError, resolve_model_dir
     from nanoseek.data import DataError, Tokenizer
     from nanoseek.model import ConfigError, Transformer
 
+    try:
+        a.device = resolve_device(a.device)
+    except DeviceError as e:
+        raise GenerateError(f"--device {e}") from None
+    try:
+        a.model = resolve_model_dir(a.model)
+    except CheckpointError as e:
+        raise GenerateError(f"--model {e}") from None
     candidates = [a.tokenizer] if a.tokenizer else [a.model, a.model / "tokenizer"]
     tok_dir = next((d for d in candidates if (d / "tokenizer.json").is_file()), None)
     if tok_dir is None:

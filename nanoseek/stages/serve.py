@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from nanoseek.checkpoint import CheckpointError, resolve_model_dir
 from nanoseek.data import Tokenizer
+from nanoseek.device import DeviceError, resolve_device
 from nanoseek.inference import Engine
 from nanoseek.model import Transformer
 from nanoseek.serve import ServerState, create_app
@@ -38,7 +40,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanoseek serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, type=Path, help="model directory (HF layout)")
+    p.add_argument("--model", required=True, type=Path,
+                   help="model directory (HF layout), or a training run (RUN, RUN/checkpoints or "
+                        "RUN/checkpoints/latest: its latest checkpoint)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer directory (default: the model directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
@@ -56,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "max_position_embeddings (default 4096); sizes the KV cache")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="split <think>...</think> into reasoning_content (R1-style models)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: float32 on CPU, the checkpoint's otherwise)")
     p.add_argument("--threads", type=int, default=None,
@@ -68,8 +72,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     a = p.parse_args(argv)
-    if not (a.model / "config.json").is_file():
-        p.error(f"--model {a.model}: no config.json there")
+    a.model_arg = a.model  # the name clients see by default: what the user passed, not step-000120
+    try:
+        a.model = resolve_model_dir(a.model)
+    except CheckpointError as e:
+        p.error(f"--model {e}")
+    try:
+        a.device = resolve_device(a.device)
+    except DeviceError as e:
+        p.error(f"--device {e}")
     a.tokenizer = a.tokenizer or a.model
     if not (a.tokenizer / "tokenizer.json").is_file():
         p.error(f"no tokenizer.json in {a.tokenizer} (pass --tokenizer DIR)")
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s:     %(message)s")
     if a.api_key is None and not _is_loopback(a.host):
         log.warning("binding %s without --api-key: anyone who can reach it can use it", a.host)
-    state = ServerState(a.served_model_name or a.model.resolve().name, api_key=a.api_key,
+    state = ServerState(a.served_model_name or _model_name(a.model_arg), api_key=a.api_key,
                         max_queue=a.max_queue, reasoning_parser=a.reasoning_parser)
     server = uvicorn.Server(uvicorn.Config(
         create_app(state), host=a.host, port=a.port, log_level=a.log_level,
@@ -127,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoseek serve: {state.load_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _model_name(path: Path) -> str:
+    """runs/tiny, runs/tiny/checkpoints and runs/tiny/checkpoints/latest are all served as 'tiny'."""
+    path = path.resolve()
+    while path.name in ("latest", "checkpoints") and path.parent != path:
+        path = path.parent
+    return path.name
 
 
 def _is_loopback(host: str) -> bool:
