@@ -77,6 +77,7 @@ class MLA(nn.Module):
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
         absorbed: bool | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden].
 
@@ -86,14 +87,15 @@ class MLA(nn.Module):
         query attends to cache rows [0, its position] among the first `kv_len` rows (default S).
         Rows past a sequence's position are masked, so stale slots never leak. Cached attention
         defaults to the absorbed path; `absorbed=False` expands the cached latents instead (same
-        result).
+        result). `mask` bool [B, T, T] replaces the causal mask of the uncached path (packed sequences:
+        causal within each document only).
         """
         q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
         if cache is None:
             if absorbed:
                 kv = torch.cat([latent, k_rope], dim=-1)
-                return self._absorbed(q_nope, q_rope, kv, mask=_causal(x.shape[1], x.device))
-            return self._naive(q_nope, q_rope, latent, k_rope, mask=None)
+                return self._absorbed(q_nope, q_rope, kv, mask=_causal(x.shape[1], x.device) if mask is None else mask)
+            return self._naive(q_nope, q_rope, latent, k_rope, mask=mask)
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
         cache[rows, positions] = torch.cat([latent, k_rope], dim=-1).to(cache.dtype)
         S = kv_len or cache.shape[1]

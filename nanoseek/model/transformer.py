@@ -38,9 +38,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, positions=None, kv_len=None, absorbed=None):
-        """x [B, T, hidden] -> (x [B, T, hidden], Routing | None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, kv_len, absorbed)
+    def forward(self, x, cos, sin, cache=None, positions=None, kv_len=None, absorbed=None, mask=None):
+        """x [B, T, hidden] -> (x [B, T, hidden], Routing | None). mask: see MLA.forward."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, kv_len, absorbed, mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, routing = self.mlp(h)
@@ -66,10 +66,10 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
         self.shared_head = SharedHead(args)
 
-    def forward(self, prev, emb, cos, sin, cache=None, positions=None, kv_len=None, absorbed=None):
+    def forward(self, prev, emb, cos, sin, cache=None, positions=None, kv_len=None, absorbed=None, mask=None):
         """prev [B, T, hidden] (depth k-1 states), emb [B, T, hidden] (Emb(t_{i+k})) -> (h, Routing | None)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(prev)], dim=-1))
-        return super().forward(h, cos, sin, cache, positions, kv_len, absorbed)
+        return super().forward(h, cos, sin, cache, positions, kv_len, absorbed, mask)
 
 
 @dataclass
@@ -135,6 +135,7 @@ class Transformer(nn.Module):
         absorbed: bool | None = None,
         mtp: bool = False,
         logits: bool = True,
+        doc_ids: torch.Tensor | None = None,
     ) -> Output:
         """The full forward with every option.
 
@@ -142,16 +143,23 @@ class Transformer(nn.Module):
         LayerCache per main layer (extra entries for MTP layers are ignored here), written
         at `positions` (see MLA.forward); mtp: also run the MTP modules over this chunk (training);
         logits=False skips the output head, for the main model and MTP (callers that need only
-        some positions, or a loss that fuses the head with the cross-entropy).
+        some positions, or a loss that fuses the head with the cross-entropy); doc_ids [B, T] (no
+        cache): several documents packed in a row, attention stays causal within each (pass their
+        own restarting `positions` too). MTP depth k at a document's last k tokens then reads the
+        next document's tokens: the loss must mask those targets (nanoseek.train.loss.sft_loss).
         """
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        mask = None
+        if doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, T, T]
         cos, sin = self.rope(positions)
         x = self.embed_tokens(input_ids)
         routing: list[Routing] = []
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, cos, sin, None if cache is None else cache[i], positions, kv_len, absorbed)
+            x, r = layer(x, cos, sin, None if cache is None else cache[i], positions, kv_len, absorbed, mask)
             if r is not None:
                 routing.append(r)
         hidden = self.norm(x)
@@ -162,7 +170,8 @@ class Transformer(nn.Module):
                 if T - k <= 0:
                     break
                 emb = self.embed_tokens(input_ids[:, k:])
-                prev, r = module(prev[:, : T - k], emb, cos[:, : T - k], sin[:, : T - k], absorbed=absorbed)
+                prev, r = module(prev[:, : T - k], emb, cos[:, : T - k], sin[:, : T - k], absorbed=absorbed,
+                                 mask=None if mask is None else mask[:, : T - k, : T - k])
                 if r is not None:
                     out.routing.append(r)
                 out.mtp_hidden.append(module.shared_head.norm(prev))

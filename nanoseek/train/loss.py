@@ -15,6 +15,7 @@ logits, their log-softmax and its gradient never exist in full. On CPU the head 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -140,3 +141,68 @@ def evaluate(model: Transformer, batches, autocast=None) -> tuple[float, torch.T
     if count == 0:
         raise ValueError("evaluate() got no batches")
     return total / count, counts
+
+
+# --- supervised fine-tuning on packed conversations -----------------------------------------------
+@dataclass
+class SFTLossParts:
+    """total: the scalar to backpropagate (sums divided by `normalizer`); ce_sum / mtp_sum: detached
+    summed cross-entropies over the loss tokens (mtp: mean over depths of each depth's mean, times
+    `tokens`); tokens: loss tokens in the batch; counts: tokens per expert [L, E]."""
+
+    total: torch.Tensor
+    ce_sum: torch.Tensor
+    mtp_sum: torch.Tensor
+    tokens: int
+    counts: torch.Tensor
+
+
+def sft_loss(model: Transformer, batch, mtp_lambda: float = 0.0, normalizer: float | None = None) -> SFTLossParts:
+    """Masked next-token (+ MTP) loss of a `nanoseek.data.chat.PackedBatch` (for training: backpropagate it).
+
+    Only targets where batch.loss_mask is True count (the assistant turns). Conversations packed in
+    a row see only themselves (doc_ids) and restart their positions, so the summed loss of a packed
+    batch is the sum of each conversation's own loss. MTP depth k predicts targets[:, k:] from
+    position i; a target counts only if it is a loss token of the same conversation as position i.
+    normalizer: what the sums are divided by in `total` (default: this batch's loss tokens; gradient
+    accumulation passes the whole optimizer step's count).
+    """
+    use_mtp = mtp_lambda > 0 and len(model.mtp) > 0
+    out = model.run(batch.inputs, positions=batch.positions, doc_ids=batch.doc_ids, mtp=use_mtp, logits=False)
+    head = model.lm_head.weight
+    keep = batch.loss_mask.flatten()
+    n = int(keep.sum())
+    normalizer = float(normalizer or max(n, 1))
+    zero = out.hidden.sum() * 0.0  # keeps the graph connected when a micro-batch has nothing to learn
+    ce_sum = zero + (linear_cross_entropy(out.hidden.flatten(0, 1)[keep], head, batch.targets.flatten()[keep]) * n
+                     if n else 0.0)
+    mtp_means = []
+    for k, h in enumerate(out.mtp_hidden, start=1):
+        valid = batch.loss_mask[:, k:] & (batch.doc_ids[:, k:] == batch.doc_ids[:, :-k])
+        rows = valid.flatten()
+        if rows.any():
+            mtp_means.append(linear_cross_entropy(h.flatten(0, 1)[rows], head, batch.targets[:, k:].flatten()[rows]))
+    mtp_sum = torch.stack(mtp_means).mean() * n if mtp_means else torch.zeros((), device=ce_sum.device)
+    total = (ce_sum + mtp_lambda * mtp_sum) / normalizer
+    counts = expert_counts(out.routing, model.args.n_routed_experts)
+    return SFTLossParts(total=total, ce_sum=ce_sum.detach(), mtp_sum=mtp_sum.detach(), tokens=n, counts=counts)
+
+
+@torch.no_grad()
+def sft_evaluate(model: Transformer, batches, autocast=None) -> tuple[float, int]:
+    """Mean next-token loss (nats/token) on the loss tokens of PackedBatches; returns (loss, tokens)."""
+    was_training = model.training
+    model.eval()
+    device = model.embed_tokens.weight.device
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            out = model.run(batch.inputs, positions=batch.positions, doc_ids=batch.doc_ids)
+        keep = batch.loss_mask
+        total += F.cross_entropy(out.logits[keep].float(), batch.targets[keep], reduction="sum").item()
+        count += int(keep.sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("sft_evaluate() got no loss tokens")
+    return total / count, count
