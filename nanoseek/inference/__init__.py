@@ -11,7 +11,7 @@
 
 from .chat import chat_prompt
 from .reasoning import ReasoningParser, split_reasoning
-from .engine import Engine, StepEvent
+from .engine import Engine, RequestFailed, StepEvent
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "SamplingParams", "StepEvent", "chat_prompt", "ReasoningParser", "split_reasoning"]
+__all__ = ["Engine", "RequestFailed", "SamplingParams", "StepEvent", "chat_prompt", "ReasoningParser", "split_reasoning"]

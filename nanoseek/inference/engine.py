@@ -46,7 +46,7 @@ import torch
 
 from . import speculative as spec
 from .cache import LatentCache
-from .sampling import SamplingParams, logprobs, make_generator, sample
+from .sampling import SamplingParams, _is_int, logprobs, make_generator, sample
 from .text import TextStream
 
 # Prefill groups may be padded up to this factor of their real token count.
@@ -61,7 +61,9 @@ class StepEvent:
     be the start of a stop string or half a character; stop strings and special tokens are cut
     out). logprob: raw-model log-probability of `token_id`, and top_logprobs: [(token_id,
     logprob), ...] best first, when the request asked for logprobs (else None).
-    finish_reason: "stop" (EOS, a stop token id or a stop string) | "length" | None while running.
+    finish_reason: "stop" (EOS, a stop token id or a stop string) | "length" | "error" | None while
+    running. "error": the request's forward or sampling raised inside `step()`; the request is
+    over and its slot free, token_id is -1 (no token), and `error` holds "ExceptionType: message".
     """
 
     request_id: int
@@ -71,6 +73,11 @@ class StepEvent:
     top_logprobs: list[tuple[int, float]] | None
     finished: bool
     finish_reason: str | None
+    error: str | None = None
+
+
+class RequestFailed(RuntimeError):
+    """`generate`/`stream`: a request ended with finish_reason "error" (the engine stays usable)."""
 
 
 class Request:
@@ -217,8 +224,33 @@ class Engine:
         no slot is free (check `free_slots` first).
         """
         params = params or SamplingParams()
-        params.validate()
-        prompt = [int(t) for t in prompt_ids]
+        prompt = self._check(prompt_ids, params)
+        if self.free_slots <= 0:
+            raise ValueError(f"no free slot: {self.max_batch_size} requests are active (check engine.free_slots)")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        req = Request(self._next_id, prompt, params, stop_ids, text)
+        self._next_id += 1
+        self.waiting.append(req)
+        return req.id
+
+    def _check(self, prompt_ids, params: SamplingParams) -> list[int]:
+        """Validate a request before it touches the engine; returns the prompt as a list of ints."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate(self.args.vocab_size)
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dim() != 1:
+                raise ValueError(f"prompt token ids must be a list or 1-d integer tensor, got a "
+                                 f"{prompt_ids.dim()}-d {prompt_ids.dtype} tensor")
+            prompt_ids = prompt_ids.tolist()
+        if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
+            raise ValueError(f"prompt token ids must be a list of integers, got {type(prompt_ids).__name__}")
+        prompt = list(prompt_ids)
+        bad = next((t for t in prompt if not _is_int(t)), None)
+        if bad is not None:  # a float id is an error, never truncated
+            raise ValueError(f"prompt token ids must be integers, got {bad!r} ({type(bad).__name__})")
+        prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token (e.g. BOS)")
         if min(prompt) < 0 or max(prompt) >= self.args.vocab_size:
@@ -228,14 +260,7 @@ class Engine:
                              f"max_seq_len={self.max_seq_len}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer (Engine(..., tokenizer=tok))")
-        if self.free_slots <= 0:
-            raise ValueError(f"no free slot: {self.max_batch_size} requests are active (check engine.free_slots)")
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        req = Request(self._next_id, prompt, params, stop_ids, text)
-        self._next_id += 1
-        self.waiting.append(req)
-        return req.id
+        return prompt
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request at once and free its slot. Returns False if it was not active."""
@@ -252,11 +277,18 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """Decode one token for every running request, then prefill the waiting ones (their first
-        token comes from the prefill). Finished requests free their slots before returning."""
+        token comes from the prefill). Finished requests free their slots before returning.
+
+        An exception inside a forward or in sampling fails the requests it involved (the running
+        batch for a decode, the prompt group for a prefill) with finish_reason "error" and frees
+        their slots, so the engine stays usable; step() itself does not raise for it."""
         events: list[StepEvent] = []
         if self.running:
             t0 = time.perf_counter()
-            new = self._decode_speculative() if self.speculative else self._decode()
+            try:
+                new = self._decode_speculative() if self.speculative else self._decode()
+            except Exception as e:
+                new = self._fail(self.running, e)
             self._stats["decode_s"] += time.perf_counter() - t0
             self._stats["decode_tokens"] += len(new)
             self._stats["decode_steps"] += 1
@@ -304,11 +336,7 @@ class Engine:
     def _drive(self, prompts, params, speculative) -> Iterator[tuple[int, StepEvent]]:
         if self.num_active:
             raise RuntimeError("generate/stream need an idle engine; drive add_request/step yourself to share it")
-        for p, sp in zip(prompts, params):  # fail before anything runs
-            sp.validate()
-            if len(p) + sp.max_new_tokens > self.max_seq_len:
-                raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens={sp.max_new_tokens} exceeds "
-                                 f"max_seq_len={self.max_seq_len}")
+        prompts = [self._check(p, sp) for p, sp in zip(prompts, params)]  # fail before anything runs
         previous = self.speculative
         self.set_speculative(speculative)
         self.reset_stats()
@@ -320,6 +348,8 @@ class Engine:
                     i, (prompt, sp) = queue.popleft()
                     index[self.add_request(prompt, sp)] = i
                 for ev in self.step():
+                    if ev.finish_reason == "error":
+                        raise RequestFailed(f"prompt {index[ev.request_id]} failed: {ev.error}")
                     yield index[ev.request_id], ev
         finally:
             for rid in index:
@@ -421,9 +451,19 @@ class Engine:
         for group in _groups(reqs, self.prefill_chunk):
             row = len(self.running)
             self.running.extend(group)
-            logits = self._prefill_group(group, row)
-            events += self._sample_and_append(group, logits)
+            try:
+                logits = self._prefill_group(group, row)
+                events += self._sample_and_append(group, logits)
+            except Exception as e:
+                events += self._fail(group, e)
         return events
+
+    def _fail(self, reqs: list[Request], error: Exception) -> list[StepEvent]:
+        """End `reqs` with finish_reason "error" (their rows are freed like finished ones)."""
+        message = f"{type(error).__name__}: {error}"
+        for r in reqs:
+            r.finish_reason = "error"
+        return [StepEvent(r.id, -1, "", None, None, True, "error", message) for r in reqs]
 
     def _prefill_group(self, group: list[Request], row: int) -> torch.Tensor:
         """Write the group's prompts into cache rows row.. and return logits [g, V] at each prompt's end."""

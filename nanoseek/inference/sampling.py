@@ -18,9 +18,24 @@ Design choices:
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+# torch.Generator.manual_seed takes a 64-bit seed.
+SEED_LIMIT = 2**64
+
+
+def _is_int(x) -> bool:
+    """An integer (Python or numpy), not a bool and not a float that happens to be whole."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -48,19 +63,29 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first bad field: every field's type and range (token ids
+        and logprobs bounded by `vocab_size` when given). A float where an int belongs is an
+        error, never truncated; NaN and infinities are errors."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        V = vocab_size
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
-             "logprobs must be None or an integer >= 0"),
+            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (_is_real(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
+            (_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p must be a number in (0, 1]"),
+            (_is_int(self.top_k) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            (_is_real(self.min_p) and 0 <= self.min_p < 1, "min_p must be a number in [0, 1)"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
+             f"seed must be None or an integer in [0, 2**64)"),
+            (isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s for s in self.stop),
+             "stop must be a list of non-empty strings"),
+            (isinstance(self.stop_token_ids, (list, tuple, set)) and all(_is_int(t) and t >= 0 and (V is None or t < V)
+                                                                        for t in self.stop_token_ids),
+             "stop_token_ids must be a list of integer token ids" + (f" in [0, {V})" if V else " >= 0")),
+            (isinstance(self.ignore_eos, bool), "ignore_eos must be true or false"),
+            (self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= (V or self.logprobs)),
+             "logprobs must be None or an integer >= 0" + (f" and <= the vocabulary size {V}" if V else "")),
         ]
         for ok, message in checks:
             if not ok:

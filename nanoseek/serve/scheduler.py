@@ -210,6 +210,13 @@ class Scheduler:
             if entry is None:  # cancelled by a previous turn
                 continue
             job, i = entry
+            if ev.finish_reason == "error":  # this sequence's forward failed; the engine freed its slot
+                del self._running[ev.request_id]
+                log.error("a sequence failed in the engine: %s", ev.error)
+                self.metrics.sequence_done("error")
+                if not job.cancelled:
+                    batches.setdefault(job, []).append((i, EngineFailure(f"the engine failed: {ev.error}")))
+                continue
             job.num_tokens[i] += 1
             if job.first_token_at[i] is None:
                 job.first_token_at[i] = now

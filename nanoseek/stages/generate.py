@@ -196,22 +196,30 @@ def input_file(a, model, tokenizer) -> int:
     max_seq_len = max(len(x) + b for x, b in zip(ids, budgets))
     engine = make_engine(a, model, tokenizer, min(a.batch_size, len(ids)), max_seq_len)
     results = complete_all(engine, ids, [params(a, b, i) for i, b in enumerate(budgets)])
+    failed = sum(reason == "error" for _, _, reason in results)
     out = a.output.open("w", encoding="utf-8") if a.output else sys.stdout
     try:
         for (_, text), x, (tokens, completion, reason) in zip(prompts, ids, results):
             row = dict(prompt=text, completion=completion, prompt_tokens=len(x), completion_tokens=len(tokens),
                        finish_reason=reason)
+            if reason == "error":  # completion is empty, the engine's message in "error"
+                row.update(completion="", error=completion)
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if a.output:
             out.close()
     report(engine)
+    if failed:
+        print(f"nanoseek generate: error: {failed} of {len(results)} prompt(s) failed in the engine "
+              f"(finish_reason \"error\" in the output)", file=sys.stderr)
+        return 1
     return 0
 
 
 def complete_all(engine: Engine, prompts: list[list[int]], params_list: list[SamplingParams]):
     """Continuous batching by hand: requests join as slots free up.
-    Returns per prompt (token ids, text, finish_reason)."""
+    Returns per prompt (token ids, text, finish_reason); a prompt the engine failed has
+    finish_reason "error" and the engine's message as its text."""
     engine.reset_stats()
     todo = list(range(len(prompts)))[::-1]
     index, tokens, texts, reasons = {}, [[] for _ in prompts], ["" for _ in prompts], [None] * len(prompts)
@@ -221,6 +229,9 @@ def complete_all(engine: Engine, prompts: list[list[int]], params_list: list[Sam
             index[engine.add_request(prompts[i], params_list[i])] = i
         for ev in engine.step():
             i = index[ev.request_id]
+            if ev.finish_reason == "error":  # the engine failed this prompt (and freed its slot)
+                reasons[i], texts[i] = "error", ev.error
+                continue
             tokens[i].append(ev.token_id)
             texts[i] += ev.text
             if ev.finished:
