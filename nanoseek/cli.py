@@ -5,6 +5,8 @@
     nanoseek generate  prompt, batch-file or interactive generation
     nanoseek serve     OpenAI-compatible server with a web chat page
     nanoseek init      write a randomly initialised model (a preset + overrides)
+    nanoseek eval      pass@1 / pass@k / cons@k on a verifiable task, on the inference engine
+    nanoseek sample    rejection sampling: completions the reward accepts, as chat JSONL
     nanoseek bench     benchmarks against transformers: train | decode | serve
 
 Each stage parses its own flags (`nanoseek STAGE --help`). Stages are imported only when run, so
@@ -22,6 +24,8 @@ STAGES = {
     "generate": ("nanoseek.stages.generate", "prompt, batch-file or interactive generation"),
     "serve": ("nanoseek.stages.serve", "OpenAI-compatible server with a web chat page"),
     "init": ("nanoseek.stages.init", "write a randomly initialised model (preset + overrides)"),
+    "eval": ("nanoseek.stages.eval", "pass@1 / pass@k / cons@k on a verifiable task (R1 protocol)"),
+    "sample": ("nanoseek.stages.sample", "rejection sampling to chat JSONL (R1 traces, distillation data)"),
 }
 BENCHES = {
     "train": "nanoseek.bench.train",

@@ -1,0 +1,85 @@
+"""Evaluate a checkpoint on a verifiable task: pass@1 over k samples, pass@k, cons@k (R1 protocol).
+
+    nanoseek eval --model runs/sft --task arithmetic --k 8                # 100 test problems, T 0.6, top-p 0.95
+    nanoseek eval --model DIR --task countdown --n 50 --k 16 --out runs/eval-cd
+    nanoseek eval --model DIR --task gsm8k_test.jsonl --greedy --max-new-tokens 1024 \\
+        --instruction "Please reason step by step, and put your final answer within \\boxed{}."
+
+R1's protocol (DeepSeek-R1 §3): k samples per problem at temperature 0.6 and top-p 0.95; pass@1 is
+the mean correctness of the k samples, averaged over problems; cons@k the accuracy of their majority
+answer (`nanoseek.eval.metrics`: None answers do not vote, ties go to the answer seen first).
+pass@k is the unbiased estimator. --greedy takes one deterministic sample instead (k = 1, T = 0).
+
+Tasks: `arithmetic` and `countdown` (procedural test split, --seed/--n/--digits), or a JSONL file of
+problems (`{"prompt"|"question", "answer"}`, GSM8K's `#### 42` answers, `{"prompt", "tests"}` for code).
+Correctness is the task's rule (nanoseek/rl/rewards.py: answers in `\\boxed{}` or `<answer>` after the
+reasoning); the format rate counts R1-Zero tags or the R1 `…</think> answer` layout.
+
+Writes OUT/samples.jsonl (every completion with its grading), OUT/summary.json, and prints a table.
+OUT defaults to eval-TASK next to the model. Bad flags, models or task files: one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from nanoseek.data import DataError
+from nanoseek.eval.runner import (EvalError, add_flags, check_flags, grade, prepare, sample_problems, summarize,
+                                  write_json, write_jsonl)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="nanoseek eval", description=__doc__.split("\n\n")[0])
+    add_flags(p, n_default=100, split_default="test")
+    p.add_argument("--k", type=int, default=8, help="samples per problem (R1: 64 for cons@64)")
+    p.add_argument("--greedy", action="store_true", help="one greedy sample per problem (k = 1, T = 0)")
+    p.add_argument("--out", type=Path, help="output directory (default: MODEL/eval-TASK)")
+    a = p.parse_args(argv)
+    if a.greedy:
+        a.k, a.temperature = 1, 0.0
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        check_flags(a)
+        model, tokenizer, problems, texts, prompts = prepare(a)
+        t0 = time.perf_counter()
+        samples = sample_problems(model, tokenizer, prompts, a.k, a.max_new_tokens, a.temperature, a.top_p,
+                                  a.seed, a.batch_size, progress=not a.quiet)
+        seconds = time.perf_counter() - t0
+    except (EvalError, DataError, ValueError) as e:
+        print(f"nanoseek eval: error: {e}", file=sys.stderr)
+        return 2
+    records = grade(problems, texts, samples)
+    summary = summarize(records, a.k, problems)
+    summary.update(task=a.task, model=str(a.model), temperature=a.temperature, top_p=a.top_p,
+                   template=a.template, seconds=seconds, completions_per_s=len(records) / max(seconds, 1e-9))
+    out = a.out or Path(a.model) / f"eval-{Path(a.task).stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "samples.jsonl", records)
+    write_json(out / "summary.json", summary)
+    print(table(summary))
+    print(f"wrote {out / 'samples.jsonl'} and {out / 'summary.json'}")
+    return 0
+
+
+def table(summary: dict) -> str:
+    k = summary["k"]
+    rows = [("task", summary["task"]), ("problems × samples", f"{summary['problems']} × {k}"),
+            ("pass@1", f"{summary['pass@1']:.3f}"), (f"pass@{k}", f"{summary[f'pass@{k}']:.3f}"),
+            (f"cons@{k}", "n/a" if summary[f"cons@{k}"] is None else f"{summary[f'cons@{k}']:.3f}"),
+            ("format rate", f"{summary['format_rate']:.3f}"),
+            ("mean completion tokens", f"{summary['mean_tokens']:.1f}"),
+            ("hit max-new-tokens", str(summary["truncated"])),
+            ("completions/s", f"{summary['completions_per_s']:.2f}")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
