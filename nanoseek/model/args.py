@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArgs:
-    model_type: str = "deepseek_v3"  # "deepseek_v3" or "deepseek_v2": decides the defaults below
+    model_type: str = "deepseek_v3"  # "deepseek_v3", "deepseek_v32" (V3 + DSA) or "deepseek_v2": decides the defaults
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432  # width of the dense FFN in the first layers
@@ -48,6 +48,10 @@ class ModelArgs:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64  # the decoupled, RoPE-carrying part (shared key across heads)
     v_head_dim: int = 128
+    # dsa (deepseek_v32 only): a lightning indexer per attention layer picks index_topk past tokens
+    index_n_heads: int = 64
+    index_head_dim: int = 128  # one key per token, its first qk_rope_head_dim channels rotated
+    index_topk: int = 2048
     # moe
     moe_intermediate_size: int = 2048  # width of one fine-grained expert
     n_routed_experts: int = 256
@@ -99,6 +103,11 @@ class ModelArgs:
             scale = scale * m * m
         return scale
 
+    @property
+    def dsa(self) -> bool:
+        """DeepSeek Sparse Attention (V3.2): a lightning indexer in every attention layer."""
+        return self.model_type == "deepseek_v32"
+
     def is_moe_layer(self, layer_id: int) -> bool:
         return layer_id >= self.first_k_dense_replace
 
@@ -108,8 +117,16 @@ class ModelArgs:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.model_type in ("deepseek_v3", "deepseek_v2"),
-             f"model_type {self.model_type!r} is not supported (deepseek_v3, deepseek_v2)")
+        need(self.model_type in MODEL_TYPES,
+             f"model_type {self.model_type!r} is not supported ({', '.join(MODEL_TYPES)})")
+        if self.dsa:
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                     f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            need(self.q_lora_rank is not None, "deepseek_v32 needs q_lora_rank (the indexer reads the query latent)")
+            need(self.qk_rope_head_dim <= self.index_head_dim,
+                 f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
+            need(self.rope_interleave, "deepseek_v32 checkpoints use rope_interleave=true")
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (silu)")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_nope_head_dim", "v_head_dim", "intermediate_size"):
@@ -168,9 +185,11 @@ class ModelArgs:
             raise ConfigError("config.json must hold a JSON object")
         cfg = dict(config)
         model_type = cfg.get("model_type")
-        if model_type not in ("deepseek_v3", "deepseek_v2"):
-            raise ConfigError(f"config.json model_type {model_type!r} is not supported (deepseek_v3, deepseek_v2)")
-        defaults = V3_DEFAULTS if model_type == "deepseek_v3" else V2_DEFAULTS
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"config.json model_type {model_type!r} is not supported ({', '.join(MODEL_TYPES)})")
+        defaults = {"deepseek_v3": V3_DEFAULTS, "deepseek_v32": V32_DEFAULTS, "deepseek_v2": V2_DEFAULTS}[model_type]
+        if model_type != "deepseek_v32" and any(k.startswith("index_") for k in cfg):
+            raise ConfigError(f"index_* keys belong to deepseek_v32 configs, not {model_type}")
         kwargs: dict[str, Any] = dict(defaults)
 
         # RoPE: `rope_parameters` (new) vs `rope_scaling` + `rope_theta` (official). Both may be present
@@ -216,6 +235,13 @@ class ModelArgs:
         for key in ("tie_word_embeddings", "mlp_bias"):
             if cfg.pop(key, False):
                 raise ConfigError(f"{key}=true is not supported by DeepSeek models")
+        mlp_types = cfg.pop("mlp_layer_types", None)  # transformers' spelling of first_k_dense_replace
+        if mlp_types is not None:
+            k = cfg.get("first_k_dense_replace", defaults.get("first_k_dense_replace", 3))
+            if list(mlp_types) != ["dense"] * k + ["sparse"] * (len(mlp_types) - k):
+                raise ConfigError(f"mlp_layer_types {mlp_types} contradicts first_k_dense_replace={k}")
+        if any(t != "indexed_attention" for t in cfg.pop("layer_types", None) or []):
+            raise ConfigError("layer_types other than 'indexed_attention' are not supported")
         if cfg.pop("moe_layer_freq", 1) != 1:
             raise ConfigError("moe_layer_freq != 1 is not supported (every layer after first_k_dense_replace is MoE)")
         if cfg.pop("attention_dropout", 0.0) not in (0, 0.0, None):
@@ -258,7 +284,10 @@ class ModelArgs:
     def to_config(self) -> dict[str, Any]:
         """The official checkpoint spelling, readable by transformers too."""
         cfg = dataclasses.asdict(self)
-        cfg["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        cfg["architectures"] = [ARCHITECTURES[self.model_type]]
+        if not self.dsa:
+            for key in ("index_n_heads", "index_head_dim", "index_topk"):
+                del cfg[key]
         cfg["num_key_value_heads"] = self.num_attention_heads
         cfg["tie_word_embeddings"] = False
         cfg["moe_layer_freq"] = 1
@@ -302,7 +331,11 @@ _IGNORED_KEYS = {
 }
 
 # The defaults of each family, applied before the file's own keys (a config.json may omit keys).
+ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+                 "deepseek_v2": "DeepseekV2ForCausalLM"}
+MODEL_TYPES = tuple(ARCHITECTURES)
 V3_DEFAULTS: dict[str, Any] = {}
+V32_DEFAULTS: dict[str, Any] = dict(model_type="deepseek_v32")  # V3 sizes; index_* defaults are V3.2's
 V2_DEFAULTS: dict[str, Any] = dict(
     model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288, num_hidden_layers=60,
     num_attention_heads=128, first_k_dense_replace=1, max_position_embeddings=163840, q_lora_rank=1536,
@@ -331,6 +364,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "deepseek-v3": dict(
         max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    # tiny + DSA: the indexer keeps 64 of the past tokens, so contexts past 64 attend sparsely
+    "tiny-v32": dict(
+        vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=2, topk_group=1, routed_scaling_factor=1.0, num_nextn_predict_layers=1, max_position_embeddings=4096,
+        initializer_range=0.02, torch_dtype="float32", model_type="deepseek_v32", index_n_heads=4,
+        index_head_dim=32, index_topk=64,
+    ),
+    "deepseek-v3.2": dict(
+        model_type="deepseek_v32", max_position_embeddings=163840,
         rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                       "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),

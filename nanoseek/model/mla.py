@@ -14,6 +14,13 @@ Two paths over the same weights:
   into the query (q_C W_UK is a kv_lora_rank-dim query against the cached latent), attend over the
   latents, and apply W_UV after the weighted sum. The cache holds only norm(c_KV) and rotated k_R,
   side by side in one row: kv_lora_rank + qk_rope_head_dim values per token per layer.
+
+DeepSeek Sparse Attention (V3.2, `args.dsa`): the lightning indexer (`indexer.py`) rates every
+past token and each query attends only over the `index_topk` best (all of them while the context is
+no longer than that, so short contexts are exactly dense MLA). Its key is cached next to the latent,
+in the same row: [norm(c_KV) ; k_R ; indexer key]. Training/prefill apply the selection as a mask;
+cached absorbed attention (decoding) gathers only the selected rows, so a decode step's attention
+work grows with index_topk, not with the context.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .indexer import Indexer
 from .layers import RMSNorm
 from .rope import apply_rope
 
@@ -47,26 +55,31 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, args.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.hidden_size, bias=bias)
+        self.indexer = Indexer(args) if args.dsa else None
+        self.sparse = args.dsa  # attend over the indexer's selection (False: dense, e.g. DSA warm-up)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """The parts both paths share.
 
         x: [B, T, hidden]; cos/sin: [B, T, rope/2] at each token's absolute position.
         Returns q_nope [B,T,H,nope], q_rope [B,T,H,rope] (rotated), latent [B,T,kv_lora_rank]
-        (normalised c_KV), k_rope [B,T,rope] (rotated): the last two are what a cache stores.
+        (normalised c_KV), k_rope [B,T,rope] (rotated): these two are what a cache stores; and
+        q_resid [B,T,q_lora_rank] (the normalised query latent the indexer reads; None without q-LoRA).
         """
         B, T, _ = x.shape
+        q_resid = None
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_resid = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_resid)
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_rope = apply_rope(q_rope, cos, sin, self.interleave)
         k_rope = apply_rope(k_rope, cos, sin, self.interleave)
-        return q_nope, q_rope, latent, k_rope
+        return q_nope, q_rope, latent, k_rope, q_resid
 
     def forward(
         self,
@@ -82,25 +95,39 @@ class MLA(nn.Module):
         """x [B, T, hidden] -> [B, T, hidden].
 
         Without `cache`: causal attention over the T tokens (naive path unless `absorbed=True`).
-        With `cache` [B, S, kv_lora_rank + qk_rope_head_dim] (each row [norm(c_KV) ; rotated k_R])
-        and `positions` LongTensor[B, T]: the new rows are written at their positions, then each
-        query attends to cache rows [0, its position] among the first `kv_len` rows (default S).
-        Rows past a sequence's position are masked, so stale slots never leak. Cached attention
-        defaults to the absorbed path; `absorbed=False` expands the cached latents instead (same
-        result). `mask` bool [B, T, T] replaces the causal mask of the uncached path (packed sequences:
-        causal within each document only).
+        With `cache` [B, S, kv_lora_rank + qk_rope_head_dim (+ indexer key under DSA)] (each row
+        [norm(c_KV) ; rotated k_R (; indexer key)]) and `positions` LongTensor[B, T]: the new rows are
+        written at their positions, then each query attends to cache rows [0, its position] among the
+        first `kv_len` rows (default S). Rows past a sequence's position are masked, so stale slots
+        never leak. Cached attention defaults to the absorbed path; `absorbed=False` expands the cached
+        latents instead (same result). `mask` bool [B, T, T] replaces the causal mask of the uncached
+        path (packed sequences: causal within each document only). Under DSA each query keeps only the
+        indexer's top-k of the rows it may see.
         """
-        q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
+        q_nope, q_rope, latent, k_rope, q_resid = self.project(x, cos, sin)
+        B, T, _ = x.shape
+        idx = self.indexer
         if cache is None:
+            if idx is not None and self.sparse and T > idx.topk:
+                keys = idx.stored(idx.key(x, cos, sin))
+                mask = idx.select(x, q_resid, cos, sin, keys, _causal(T, x.device) if mask is None else mask)
             if absorbed:
                 kv = torch.cat([latent, k_rope], dim=-1)
-                return self._absorbed(q_nope, q_rope, kv, mask=_causal(x.shape[1], x.device) if mask is None else mask)
+                return self._absorbed(q_nope, q_rope, kv, mask=_causal(T, x.device) if mask is None else mask)
             return self._naive(q_nope, q_rope, latent, k_rope, mask=mask)
-        rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        cache[rows, positions] = torch.cat([latent, k_rope], dim=-1).to(cache.dtype)
+        rows = torch.arange(B, device=x.device)[:, None]
+        row = torch.cat([latent, k_rope], dim=-1).to(cache.dtype)
+        if idx is not None:
+            row = torch.cat([row, idx.to_cache(idx.key(x, cos, sin), cache.dtype)], dim=-1)
+        cache[rows, positions] = row
         S = kv_len or cache.shape[1]
-        kv = cache[:, :S].to(latent.dtype)
+        width = self.kv_lora_rank + self.rope_dim
+        kv = cache[:, :S, :width].to(latent.dtype)
         mask = torch.arange(S, device=x.device) <= positions[:, :, None]  # [B, T, S]
+        if idx is not None and self.sparse and S > idx.topk:
+            mask = idx.select(x, q_resid, cos, sin, idx.from_cache(cache[:, :S, width:]).to(x.dtype), mask)
+            if absorbed is not False and T * idx.topk < S:
+                return self._absorbed_selected(q_nope, q_rope, kv, mask, idx.topk)
         if absorbed is False:
             latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             return self._naive(q_nope, q_rope, latent, k_rope, mask=mask)
@@ -141,6 +168,19 @@ class MLA(nn.Module):
         out = torch.bmm(probs, kv[..., : self.kv_lora_rank]).view(B, T, H, -1)
         out = torch.einsum("bthr,hvr->bthv", out, w_uv)  # W_UV applied after the weighted sum
         return self.o_proj(out.flatten(2))
+
+
+    def _absorbed_selected(self, q_nope, q_rope, kv, selected, k):
+        """Absorbed attention reading only the selected rows: gathers the k rows each query keeps
+        (selected bool [B, T, S], at most k per row) and attends over those. Same result as
+        `_absorbed` under the `selected` mask, at O(T·k) rows read instead of O(S)."""
+        B, T, H, _ = q_nope.shape
+        keep = selected.to(torch.uint8).topk(k, dim=-1)  # the selected rows first (ties are all 1s)
+        index, valid = keep.indices, keep.values.bool()  # [B, T, k]
+        picked = kv.gather(1, index.flatten(1)[..., None].expand(-1, -1, kv.shape[-1]))  # [B, T*k, W]
+        out = self._absorbed(q_nope.flatten(0, 1)[:, None], q_rope.flatten(0, 1)[:, None],
+                             picked.view(B * T, k, -1), mask=valid.view(B * T, 1, k))
+        return out.view(B, T, -1)
 
 
 def _causal(T: int, device) -> torch.Tensor:
