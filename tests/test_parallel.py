@@ -1,0 +1,155 @@
+"""Scale-out training: every layout gives the one-process run's losses, gradients and weights.
+
+Each multi-process test spawns its own gloo ranks (tests/dist_worker.py, with the environment torchrun
+would set), waits with a timeout and kills what is left. One launch of 2 ranks runs FSDP2, EP=2,
+1F1B and DualPipeV in turn (a new DeviceMesh each); one launch of 4 runs EP=2 x FSDP=2. The
+one-process reference runs in the test process itself.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_worker import MODEL, run as reference_run
+from nanoseek.model import preset
+from nanoseek.parallel import Dist, LayoutError, check_layout
+from nanoseek.parallel.expert import rank_limit
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+COMMON = {"steps": 2, "batch": 8, "micro": 2, "seq": 12}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(n: int, cfg: dict, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Run `n` ranks of the worker; always reaps them (kills the stragglers on timeout or failure)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(cfg)], env={**env, "RANK": str(r),
+                              "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(n)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def load(out: Path, name: str, rank: int) -> dict:
+    meta = json.loads((out / f"{name}.rank{rank}.json").read_text())
+    t = load_file(str(out / f"{name}.rank{rank}.safetensors"))
+    meta["params"] = {k[7:]: v for k, v in t.items() if k.startswith("params/")}
+    meta["grads"] = {k[6:]: v for k, v in t.items() if k.startswith("grads/")}
+    return meta
+
+
+@pytest.fixture(scope="module")
+def reference():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reference_run({**COMMON, "layout": {}}, Dist())
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    runs = [{"name": "fsdp2", "layout": {"dp_shard": 2}}, {"name": "ep2", "layout": {"ep": 2, "dp_shard": 1}},
+            {"name": "1f1b", "layout": {"pp": 2, "dp_shard": 1}, "schedule": "1f1b"},
+            {"name": "dualpipev", "layout": {"pp": 2, "dp_shard": 1}, "schedule": "dualpipev"}]
+    procs = launch(2, {**COMMON, "out": str(out), "runs": runs})
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("four")
+    procs = launch(4, {**COMMON, "out": str(out), "runs": [{"name": "ep2_fsdp2", "layout": {"ep": 2, "dp_shard": 2}}]})
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    return out
+
+
+def assert_same_run(ref: dict, got: dict):
+    """Losses (CE, MTP, grad norm) per step, last-step gradients and final weights, to fp32 tolerance;
+    the balancing biases exactly (integer loads, the same sign decisions)."""
+    assert sum(got["losses"], []) == pytest.approx(sum(ref["losses"], []), rel=1e-5, abs=1e-6)
+    assert got["params"].keys() == ref["params"].keys() and got["grads"].keys() == ref["grads"].keys()
+    for k, v in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][k], v, rtol=1e-4, atol=1e-4 * v.abs().max().item() + 1e-8, msg=k)
+    for k, v in ref["params"].items():
+        if k.endswith("e_score_correction_bias"):
+            assert torch.equal(got["params"][k], v), k
+        else:
+            torch.testing.assert_close(got["params"][k], v, rtol=0, atol=2e-4, msg=k)
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "ep2", "1f1b", "dualpipev"])
+def test_two_rank_layouts_match_one_process(reference, two_ranks, name):
+    biases = [v for k, v in reference["params"].items() if k.endswith("e_score_correction_bias")]
+    assert biases and all(b.abs().sum() > 0 for b in biases)  # the bias update ran
+    for rank in range(2):
+        assert_same_run(reference, load(two_ranks, name, rank))
+
+
+def test_ep2_x_fsdp2_matches_one_process(reference, four_ranks):
+    for rank in range(4):
+        assert_same_run(reference, load(four_ranks, "ep2_fsdp2", rank))
+
+
+def test_device_limited_routing_reaches_at_most_m_ranks(two_ranks, four_ranks):
+    # 2 groups of 4 experts, topk_group 1: with the groups laid on the 2 EP ranks a token's two experts
+    # share one rank. An expert-to-rank mapping that split groups (e.g. round-robin) would reach 2.
+    m = rank_limit(preset("tiny", **MODEL), ep=2)
+    assert m == 1
+    assert load(two_ranks, "ep2", 0)["max_ranks"] == m and load(four_ranks, "ep2_fsdp2", 3)["max_ranks"] == m
+
+
+def test_rank_limit_follows_the_group_routing():
+    v3 = preset("deepseek-v3")  # 256 experts in 8 groups, 4 groups per token, 8 experts per token
+    assert rank_limit(v3, 8) == 4 and rank_limit(v3, 64) == 8 and rank_limit(v3, 2) == 2 and rank_limit(v3, 32) == 8
+    assert rank_limit(preset("deepseek-v2-lite"), 8) == 6  # greedy: one rank per routed expert at most
+
+
+def test_bad_layout_is_a_clear_error_on_every_rank(tmp_path):
+    procs = launch(2, {**COMMON, "out": str(tmp_path), "runs": [{"name": "bad", "layout": {"ep": 2, "dp_shard": 2}}]},
+                   timeout=120)
+    for rank, p in enumerate(procs):
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert f"[rank {rank}] dist_worker: error: --dp-shard 2 x --ep 2 x --pp 1 = 4 ranks, but the world size is 2" \
+            in p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_check_layout_names_what_is_wrong():
+    args = preset("tiny", **MODEL)
+    assert check_layout(4, None, 2, 1, args).dp_shard == 2
+    with pytest.raises(LayoutError, match="--ep 3 does not divide n_routed_experts 8"):
+        check_layout(3, 1, 3, 1, args)
+    with pytest.raises(LayoutError, match="world size 4 is not divisible by --ep 1 x --pp 3"):
+        check_layout(4, None, 1, 3, args)
+    with pytest.raises(LayoutError, match="--batch-size 6 must be a multiple of --micro-batch 2 x 2"):
+        check_layout(2, 2, 1, 1, args, micro_batch=2, batch_size=6)
+    with pytest.raises(LayoutError, match="--pp 8 stages need at least as many layers"):
+        check_layout(8, 1, 1, 8, args)
