@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import swap_into_place
 from .model.args import ConfigError, ModelArgs
 from .model.rope import inv_frequencies
 from .model.transformer import Transformer
@@ -373,7 +374,7 @@ def save(model: Transformer, path, max_shard_size: int = 2 << 30) -> None:
                 if not MODEL_FILES.match(item.name) and not (tmp / item.name).exists():
                     (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         _fsync_dir(tmp)
-        _swap_into_place(tmp, path)
+        swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -384,21 +385,6 @@ def _fsync_dir(d: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename tmp to path; an existing path is moved aside first and removed only afterwards."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["CheckpointError", "ConfigError", "load", "save", "resolve_model_dir", "dequantize_fp8", "quantize_fp8"]

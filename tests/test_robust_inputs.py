@@ -4,7 +4,9 @@ Each test names the bug it catches. Subprocesses run `python -m nanoseek ...` wi
 on PYTHONPATH; everything uses tiny random models and tokenizers built here.
 """
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from nanoseek.checkpoint import CheckpointError, resolve_model_dir
-from nanoseek.data import train_bpe
+from nanoseek.cli import main as nanoseek_main
+from nanoseek.data import TokenShards, Tokenizer, train_bpe
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.inference import Engine, RequestFailed, SamplingParams
 from nanoseek.model import Transformer, preset
@@ -26,6 +29,17 @@ def cli(*argv, stdin=None, timeout=120, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "nanoseek", *map(str, argv)], capture_output=True,
                           text=True, input=stdin, timeout=timeout, env=env, **kw)
+
+
+def cli_in_process(capsys, *argv):
+    """`nanoseek ARGV` through the console script's entry point, in this process (fast, for the
+    tables of bad values that fail before any work): (exit code, stderr). An exception is a traceback."""
+    try:
+        code = nanoseek_main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def one_line_error(r, *needles):
@@ -170,3 +184,80 @@ def test_engine_stays_usable_after_a_failed_request(monkeypatch):
     with pytest.raises(RequestFailed, match="boom"):
         engine.generate([[1, 2]], max_new_tokens=3)
     assert engine.free_slots == 2
+
+
+# --- prepare: atomic outputs, pre-checks, no document in both splits, linear BPE ---------------
+def jsonl(path, docs, bom=False):
+    path.write_text(("\ufeff" if bom else "") + "\n".join(json.dumps({"text": d}) for d in docs) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def snapshot(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_failed_prepare_leaves_the_existing_dataset_intact(tmp_path):
+    # Catches: a prepare failing after tokenizing having already replaced tokenizer and shards in --out.
+    good = jsonl(tmp_path / "good.jsonl", [f"doc {i}: the quick brown fox jumps over the lazy dog" for i in range(40)])
+    out = tmp_path / "data"
+    r = cli("prepare", good, "--out", out, "--vocab-size", 300, "--seq-len", 8)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (out / "NOTES.txt").write_text("mine")
+    before = snapshot(out)
+    # Passes every pre-check (enough bytes for a window) but BPE compresses the text below one window.
+    bad = jsonl(tmp_path / "bad.jsonl", [f"{i} " + "ab" * 1500 for i in range(4)])
+    r = cli("prepare", bad, "--out", out, "--vocab-size", 300, "--seq-len", 2000, "--val-fraction", 0.25)
+    one_line_error(r, "less than one window", "--seq-len 2000")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "data", "good.jsonl"]  # no temp left
+    # A successful prepare replaces the dataset and keeps files that are not its own.
+    r = cli("prepare", good, "--out", out, "--vocab-size", 320, "--seq-len", 8)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == 320
+    assert (out / "NOTES.txt").read_text() == "mine"
+
+
+def test_prepare_never_puts_a_document_in_both_splits(tmp_path):
+    # Catches: duplicated documents (or the same file given twice) landing in train and in val.
+    docs = [f"document number {i} says {'xyz' * (i % 5)} hello" for i in range(30)]
+    a = jsonl(tmp_path / "a.jsonl", docs + docs[:10], bom=True)  # BOM: must be accepted, not skip line 1
+    out = tmp_path / "data"
+    r = cli("prepare", a, a, tmp_path, "--out", out, "--vocab-size", 300, "--seq-len", 8,
+            "--val-fraction", 0.3, "--fim-rate", 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped" not in r.stderr  # the BOM line was read
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["corpus"]["docs"] == 30 and meta["corpus"]["duplicates"] == 10
+    tok = Tokenizer.from_dir(out / "tokenizer")
+    text = {s: tok.decode(TokenShards(out, s).tokens.tolist()) for s in ("train", "val")}
+    in_val = [d for d in docs if d in text["val"]]
+    assert in_val and all(d not in text["train"] for d in in_val)
+    assert len(in_val) + sum(d in text["train"] for d in docs) == 30
+
+
+def test_bpe_on_a_long_run_of_letters_is_linear(tmp_path):
+    # Catches: BPE training quadratic in the longest word (a 400 KB line took minutes before).
+    letters = "".join(random.Random(0).choice("acgt") for _ in range(400_000))
+    corpus = jsonl(tmp_path / "dna.jsonl", [letters] + [f"a short document, number {i}, with a few words" for i in range(20)])
+    r = cli("prepare", corpus, "--out", tmp_path / "data", "--vocab-size", 400, "--seq-len", 8, timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "training a 400-token BPE" in r.stderr
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--vocab-size", str(10**30)], "--vocab-size"), (["--vocab-size", "100"], "--vocab-size"),
+    (["--seed", str(10**30)], "--seed"), (["--seed", "-1"], "--seed"), (["--seq-len", "0"], "--seq-len"),
+    (["--seq-len", str(10**20)], "--seq-len"), (["--val-fraction", "nan"], "--val-fraction"),
+    (["--out", "{file}"], "not a directory"), (["--out", "{file}/sub"], "not a directory"),
+    (["--seq-len", "100000"], "at most"),  # the byte bound: fails before the tokenizer is trained
+])
+def test_prepare_bad_values_are_one_line_exit_2(tmp_path, capsys, flags, says):
+    corpus = jsonl(tmp_path / "c.jsonl", [f"doc {i} hello world" for i in range(10)])
+    (tmp_path / "file").write_text("x")
+    flags = [f.replace("{file}", str(tmp_path / "file")) for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "out")]
+    r = cli_in_process(capsys, "prepare", corpus, *flags)
+    one_line_error(r, says)
+    assert "training" not in r.stderr and not (tmp_path / "out").exists()

@@ -18,8 +18,14 @@ Design choices:
   `max_bytes` / `max_docs` to cap big inputs.
 - Files that can't be read or aren't UTF-8 are skipped, not fatal: one bad file in a
   directory of thousands shouldn't stop a run. They are counted and reported in one warning.
+  A UTF-8 byte-order mark at the start of a file is dropped (editors on Windows write one).
+- Exact duplicates are dropped (the first copy is kept, `Corpus.duplicates` counts the rest),
+  and a file reached twice (given twice, or by itself and through its directory) is read once:
+  the train/val split is by document, and a document in both splits would leak validation
+  text into training.
 """
 
+import hashlib
 import json
 import os
 import sysconfig
@@ -55,11 +61,13 @@ class Corpus:
     documents: one str per document, never empty.
     sources:   the inputs as given (or "stdlib:<dir>"), for meta.json and error messages.
     skipped:   (path or path:line, reason) for every file/line/row that was skipped.
+    duplicates: documents dropped because an identical one came earlier.
     """
 
     documents: list[str]
     sources: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: int = 0
 
     @property
     def num_bytes(self) -> int:
@@ -88,7 +96,12 @@ def read_corpus(
         if p.is_file() and p.suffix not in SUFFIXES:
             raise DataError(f"unsupported file type {p.suffix or '(none)'!r}: {p} "
                             f"(supported: {', '.join(SUFFIXES)})")
-    files = [f for p in paths for f in _expand(p)]
+    files, seen = [], set()
+    for f in (f for p in paths for f in _expand(p)):
+        key = f.resolve()  # the same file given twice, or by itself and through its directory
+        if key not in seen:
+            seen.add(key)
+            files.append(f)
     corpus = _collect(files, [str(p) for p in paths], text_field, max_docs, max_bytes)
     if not corpus.documents:
         looked = ", ".join(str(p) for p in paths)
@@ -139,12 +152,18 @@ def _collect(files: list[Path], sources: list[str], text_field: str,
              max_docs: int | None, max_bytes: int | None) -> Corpus:
     corpus = Corpus(documents=[], sources=sources)
     total = 0
+    digests = set()
     for path in files:
         for doc in _documents(path, text_field, corpus.skipped):
             if (max_docs is not None and len(corpus.documents) >= max_docs) or \
                     (max_bytes is not None and total >= max_bytes):
                 _warn_skipped(corpus.skipped)
                 return corpus
+            digest = hashlib.blake2b(doc.encode("utf-8"), digest_size=16).digest()
+            if digest in digests:
+                corpus.duplicates += 1
+                continue
+            digests.add(digest)
             corpus.documents.append(doc)
             total += len(doc.encode("utf-8"))
     _warn_skipped(corpus.skipped)
@@ -157,7 +176,7 @@ def _documents(path: Path, text_field: str, skipped: list) -> Iterator[str]:
         yield from _parquet_documents(path, text_field, skipped)
         return
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a leading BOM is dropped
     except (OSError, UnicodeDecodeError) as e:
         skipped.append((str(path), f"{type(e).__name__}: {e}"))
         return
@@ -177,6 +196,9 @@ def _documents(path: Path, text_field: str, skipped: list) -> Iterator[str]:
             continue
         if not isinstance(value, str):
             skipped.append((f"{path}:{lineno}", f"field {text_field!r} is not a string"))
+        elif not _encodable(value):
+            skipped.append((f"{path}:{lineno}", f"field {text_field!r} has a lone surrogate escape "
+                                                f"(not valid Unicode)"))
         elif value.strip():
             yield value
 
@@ -197,6 +219,15 @@ def _parquet_documents(path: Path, text_field: str, skipped: list) -> Iterator[s
             yield value
         elif value is not None and not isinstance(value, str):
             skipped.append((f"{path}:row {row}", f"column {text_field!r} is not a string"))
+
+
+def _encodable(text: str) -> bool:
+    """JSON can spell lone surrogates (\\ud800), which no UTF-8 tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _warn_skipped(skipped: list[tuple[str, str]]) -> None:

@@ -45,14 +45,16 @@ def split_documents(docs: list[str], val_fraction: float, seed: int
                     ) -> tuple[list[str], list[str]]:
     """Document-level train/val split: (train_docs, val_docs), each in corpus order.
 
-    Splitting whole documents (not token ranges) keeps validation text unseen in training.
-    At least one document goes to each side; the choice depends only on seed and len(docs).
+    Splitting whole documents (not token ranges) keeps validation text unseen in training;
+    identical documents are kept once (the first), so none lands in both splits. At least one
+    document goes to each side; the choice depends only on seed and the number of documents.
     """
+    docs = list(dict.fromkeys(docs))
     if not 0 < val_fraction < 1:
         raise DataError(f"val fraction must be between 0 and 1, got {val_fraction}")
     if len(docs) < 2:
-        raise DataError(f"need at least 2 documents to split into train and val, "
-                        f"got {len(docs)}")
+        raise DataError(f"need at least 2 documents to split into train and val, got "
+                        f"{len(docs)} (identical documents count once)")
     num_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
     val_idx = set(random.Random(seed).sample(range(len(docs)), num_val))
     train = [d for i, d in enumerate(docs) if i not in val_idx]

@@ -110,7 +110,18 @@ CHAT_TEMPLATE = "".join([
     "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}",
 ])
 
+# Token ids are stored as uint32 at most, and a BPE beyond a few hundred thousand ids is not a
+# nano-scale tokenizer (DeepSeek-V3 has 129,280).
+MAX_VOCAB_SIZE = 1 << 20
+# The 256 byte tokens and the special tokens, plus at least one learned merge.
+MIN_VOCAB_SIZE = len(HEAD_TOKENS) + 256 + len(TAIL_TOKENS) + 1
 DEFAULT_MODEL_MAX_LENGTH = 131072  # DeepSeek-V3's 128K context after YaRN
+# BPE training cuts pre-tokenized words into pieces of at most this many characters. The
+# trainer rewrites a whole word at every merge it takes part in, so one long word (minified
+# code, a DNA sequence, a 2 MB line of letters) costs merges x length: quadratic, minutes for
+# a few hundred KB. Cut, the cost is linear in the text. Only training sees the cut: the saved
+# tokenizer keeps DeepSeek-V3's pre-tokenizer, and no learned token is anywhere near this long.
+BPE_TRAIN_MAX_WORD = 64
 
 
 class Tokenizer:
@@ -226,25 +237,29 @@ class Tokenizer:
 
 
 def train_bpe(texts: list[str], vocab_size: int = 4096,
-              model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Tokenizer:
+              model_max_length: int = DEFAULT_MODEL_MAX_LENGTH, progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE with DeepSeek-V3's pre-tokenizer and special-token layout.
 
     vocab_size counts everything (specials and the 256 byte tokens included), so it is the
     embedding size the model needs. The result can be smaller if the texts run out of
-    merges.
+    merges. Time is linear in the text (words are cut at BPE_TRAIN_MAX_WORD characters for
+    training); progress=True shows the trainer's progress bars on a terminal.
     """
-    floor = len(HEAD_TOKENS) + 256 + len(TAIL_TOKENS)
-    if vocab_size <= floor:
+    if vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"vocab size {vocab_size} is too small: the 256 byte tokens and "
                         f"{len(HEAD_TOKENS) + len(TAIL_TOKENS)} special tokens need more "
-                        f"than {floor}")
+                        f"than {MIN_VOCAB_SIZE - 1}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"vocab size {vocab_size} is too large (at most {MAX_VOCAB_SIZE:,})")
     tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
+    splits = [
         pre_tokenizers.Split(Regex(DIGITS_REGEX), "isolated"),
         pre_tokenizers.Split(Regex(CJK_REGEX), "isolated"),
         pre_tokenizers.Split(Regex(WORD_REGEX), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    ]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        splits + [pre_tokenizers.Split(Regex(f"[\\s\\S]{{1,{BPE_TRAIN_MAX_WORD}}}"), "isolated"), byte_level])
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -252,9 +267,10 @@ def train_bpe(texts: list[str], vocab_size: int = 4096,
         special_tokens=HEAD_TOKENS,
         # All 256 bytes up front, so any input encodes (no unknown token exists).
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tk.train_from_iterator(texts, trainer, length=len(texts))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(splits + [byte_level])  # DeepSeek-V3's, uncut
     for token in TAIL_TOKENS:
         # One at a time keeps the real order; EOT is the only "special" one in the tail.
         if token == EOT:
