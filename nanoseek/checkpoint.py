@@ -34,6 +34,8 @@ from .atomic import swap_into_place
 from .model.args import ConfigError, ModelArgs
 from .model.rope import inv_frequencies
 from .model.transformer import Transformer
+from .quant.fp8 import dequantize_blocks, quantize_blocks
+from .quant.inference import is_fp8_resident, to_fp8_inference
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -122,33 +124,11 @@ def internal_to_hf(model: Transformer):
 
 
 # --- FP8 -------------------------------------------------------------------------------------
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """fp8 weight [out, in] · scale_inv [ceil(out/b0), ceil(in/b1)] per block -> float32 [out, in]."""
-    out_dim, in_dim = weight.shape
-    b0, b1 = block
-    expected = (-(-out_dim // b0), -(-in_dim // b1))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} "
-                         f"in {b0}x{b1} blocks (expected {expected})")
-    scale = scale_inv.float().repeat_interleave(b0, 0)[:out_dim].repeat_interleave(b1, 1)[:, :in_dim]
-    return weight.float() * scale
-
-
-def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise max-abs quantisation to float8_e4m3fn, the inverse of `dequantize_fp8`.
-
-    weight [out, in] -> (fp8 [out, in], scale_inv float32 [ceil(out/b0), ceil(in/b1)]).
-    """
-    out_dim, in_dim = weight.shape
-    b0, b1 = block
-    nb0, nb1 = -(-out_dim // b0), -(-in_dim // b1)
-    padded = weight.float().new_zeros(nb0 * b0, nb1 * b1)
-    padded[:out_dim, :in_dim] = weight.float()
-    blocks = padded.view(nb0, b0, nb1, b1)
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
-    q = (blocks / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn).view(nb0 * b0, nb1 * b1)
-    return q[:out_dim, :in_dim].contiguous(), scale_inv
+# The block format's quantise/dequantise live with the rest of the FP8 vocabulary (nanoseek/quant/fp8.py);
+# these are their names here: dequantize_fp8(fp8 [out, in], scale_inv [ceil(out/128), ceil(in/128)])
+# -> float32 [out, in] (ValueError for a scale of the wrong shape), quantize_fp8(w) -> (fp8, scale_inv).
+dequantize_fp8 = dequantize_blocks
+quantize_fp8 = quantize_blocks
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -221,11 +201,13 @@ def _read_other_shard(file: Path, name: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
 
-def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Transformer:
     """Load an HF-layout directory into a Transformer.
 
     dtype None: float32 on CPU (bf16 matmuls are very slow there), the checkpoint's torch_dtype
-    elsewhere. FP8 weights are dequantised. Raises CheckpointError / ConfigError naming the file
+    elsewhere. FP8 weights are dequantised, except with dtype="fp8": then the layers DeepSeek-V3
+    stores in FP8 stay FP8 + block scales in memory (quantised on load if the checkpoint is not FP8;
+    nanoseek/quant/inference.py) and the rest loads in the default dtype. Raises CheckpointError / ConfigError naming the file
     and tensor for a missing, unexpected, mis-shaped or unreadable tensor.
     """
     path = Path(path)
@@ -241,18 +223,20 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
                       "checkpoint holds no MTP tensors; loading without MTP modules")
         args = args.replace(num_nextn_predict_layers=0)
     device = torch.device(device)
-    if dtype is None:
+    fp8_resident = dtype == "fp8"
+    if dtype is None or fp8_resident:
         dtype = torch.float32 if device.type == "cpu" else getattr(torch, args.torch_dtype, torch.bfloat16)
     block = tuple((args.quantization_config or {}).get("weight_block_size", (128, 128)))
 
     with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device=device).to(dtype)
+        model = Transformer(args).to(dtype)
+    expected = {name for name, _ in internal_to_hf(model)}
+    fp8_slots = to_fp8_inference(model, dtype, block) if fp8_resident else {}
+    model = model.to_empty(device=device)
     for module in model.modules():  # the balancing bias stays fp32 whatever the compute dtype
         if getattr(module, "e_score_correction_bias", None) is not None:
             module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
     params = dict(model.state_dict(keep_vars=True))
-    expected = {name for name, _ in internal_to_hf(model)}
     seen: set[str] = set()
 
     for file in files:
@@ -270,7 +254,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
                     continue
                 try:
                     target = hf_to_internal(name, args)
-                    if target is not None and target[0] not in params:
+                    if target is not None and target[0] not in params and target[0] not in fp8_slots:
                         raise KeyError(name)
                 except KeyError:
                     raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of this "
@@ -287,13 +271,20 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
                         scale = _read_other_shard(weight_map[name + "_scale_inv"], name + "_scale_inv")
                     if scale is None:
                         raise CheckpointError(f"{file}: FP8 tensor {name!r} has no {name}_scale_inv")
-                    try:
-                        t = dequantize_fp8(t, scale, block)
-                    except ValueError as e:
-                        raise CheckpointError(f"{file}: {name}: {e}") from None
+                    if target is None or target[0] not in fp8_slots:
+                        try:
+                            t = dequantize_fp8(t, scale, block)
+                        except ValueError as e:
+                            raise CheckpointError(f"{file}: {name}: {e}") from None
                 if name in seen:
                     raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
                 seen.add(name)
+                if target is not None and target[0] in fp8_slots:  # FP8-resident: kept as stored
+                    try:
+                        fp8_slots[target[0]].load(target[1], t, scale)
+                    except ValueError as e:
+                        raise CheckpointError(f"{file}: {name}: {e}") from None
+                    continue
                 if target is None:
                     shared = "embed_tokens.weight" if name.endswith("embed_tokens.weight") else "lm_head.weight"
                     _check_shape(file, name, t.shape, params[shared].shape)
@@ -342,6 +333,9 @@ def save(model: Transformer, path, max_shard_size: int = 2 << 30) -> None:
     existing `path` that are not model files (tokenizer, generation config, ...) are kept.
     """
     path = Path(path)
+    if is_fp8_resident(model):
+        raise CheckpointError("an FP8-resident model (dtype='fp8') is for inference and cannot be saved; "
+                              "load it with the default dtype, or use `nanoseek convert`")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -7,6 +7,7 @@
     nanoseek init      write a randomly initialised model (a preset + overrides)
     nanoseek eval      pass@1 / pass@k / cons@k on a verifiable task, on the inference engine
     nanoseek sample    rejection sampling: completions the reward accepts, as chat JSONL
+    nanoseek convert   FP8 <-> BF16/FP32 checkpoint conversion on CPU: fp8-to-bf16 | to-fp8
     nanoseek bench     benchmarks against transformers: train | decode | serve
 
 Each stage parses its own flags (`nanoseek STAGE --help`). Stages are imported only when run, so
@@ -26,6 +27,7 @@ STAGES = {
     "init": ("nanoseek.stages.init", "write a randomly initialised model (preset + overrides)"),
     "eval": ("nanoseek.stages.eval", "pass@1 / pass@k / cons@k on a verifiable task (R1 protocol)"),
     "sample": ("nanoseek.stages.sample", "rejection sampling to chat JSONL (R1 traces, distillation data)"),
+    "convert": ("nanoseek.stages.convert", "FP8 <-> BF16/FP32 checkpoint conversion on CPU (streaming)"),
 }
 BENCHES = {
     "train": "nanoseek.bench.train",
