@@ -189,3 +189,116 @@ def test_engine_sparse_decode_batching_and_speculative():
     assert fp8.cache_bytes_per_token == 2 * ((32 + 16) * 4 + 32 + 4)  # 32 FP8 bytes + one fp32 scale
     assert fp8.generate(PROMPTS[:1], max_new_tokens=4, ignore_eos=True)[0] == want[0][:4]
     assert args.dsa
+
+
+# --- training the indexer ---------------------------------------------------------------------------
+def small_trainable():
+    from nanoseek.model import preset
+
+    torch.manual_seed(0)
+    return Transformer(preset("tiny-v32", index_topk=8, num_hidden_layers=2, num_nextn_predict_layers=0,
+                              initializer_range=0.1, hidden_size=64, vocab_size=256))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_dsa_warmup_lowers_the_indexer_kl():
+    from nanoseek.train.dsa import IndexerLoss, freeze_all_but_indexers
+
+    model = small_trainable()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".indexer." not in n}
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    hooks = IndexerLoss(model)
+    opt = torch.optim.AdamW(freeze_all_but_indexers(model), lr=1e-2)
+    set_sparse(model, False)  # warm-up: dense attention, the main model frozen
+    kls, kept = [], []
+    for _ in range(8):
+        with torch.no_grad():
+            model.run(ids, logits=False)
+        stats = hooks.pop()
+        opt.zero_grad()
+        stats.kl.backward()
+        opt.step()
+        kls.append(stats.kl.item())
+        kept.append(stats.kept_mass)
+    assert kls[-1] < 0.5 * kls[0] and kept[-1] > kept[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_sparse_stage_keeps_the_two_losses_on_their_own_graphs():
+    from nanoseek.train.dsa import IndexerLoss
+
+    model = small_trainable()
+    hooks = IndexerLoss(model)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(6))
+    logits = model(ids)  # sparse: 24 tokens > index_topk 8
+    kl = hooks.pop().kl
+    indexer = [p for n, p in model.named_parameters() if ".indexer." in n]
+    main = [p for n, p in model.named_parameters() if ".indexer." not in n]
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert all(g is None for g in torch.autograd.grad(lm, indexer, allow_unused=True, retain_graph=True))
+    assert all(g is None for g in torch.autograd.grad(kl, main, allow_unused=True, retain_graph=True))
+    assert any(g is not None and g.abs().sum() > 0 for g in torch.autograd.grad(kl, indexer, allow_unused=True))
+
+
+def test_extended_context_config_loads_in_transformers_with_matching_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from nanoseek.model.rope import extend_context
+
+    model = make_model("topk_above_context")
+    args = model.args.replace(max_position_embeddings=16, num_nextn_predict_layers=0)
+    extended = extend_context(args, 64)  # 4x: positions 16..63 are past the original context
+    assert extended.rope_scaling["factor"] == 4.0 and extended.rope_scaling["original_max_position_embeddings"] == 16
+    assert extend_context(extended, 128).rope_scaling["original_max_position_embeddings"] == 16  # a 2nd stage
+    with pytest.raises(ValueError, match="must exceed"):
+        extend_context(extended, 32)
+    longer = Transformer(extended).eval()
+    longer.load_state_dict(model.state_dict(), strict=False)  # the same weights, the new rope
+    longer.save_pretrained(tmp_path)
+    hf = transformers.DeepseekV32ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert hf.config.rope_parameters["rope_type"] == "yarn"
+    ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ours, theirs = longer(ids), hf(ids).logits
+        assert (ours - theirs).abs().max().item() <= 1e-4
+        assert (ours - model(ids)).abs().max().item() > 1e-3  # the new rope really changed something
+
+
+# --- passkey retrieval ------------------------------------------------------------------------------
+def test_passkey_generator_and_scorer():
+    from nanoseek.eval.passkey import NEEDLE, QUESTION, make_case, make_cases, score, summarize
+
+    encode = lambda s: list(s.encode())  # noqa: E731  (one token per byte: lengths are easy to check)
+    case = make_case(encode, 2000, 0.25, "48213")
+    assert 1900 < case.tokens <= 2000 and case.prompt.endswith(QUESTION)
+    assert case.prompt.count("48213") == 2 and NEEDLE.format(key="48213") in case.prompt
+    at = case.prompt.index("The pass key is 48213")
+    assert 0.2 < at / len(case.prompt) < 0.3  # the needle sits at the asked depth
+    cases = make_cases(encode, 1000, 5, seed=3)
+    assert [c.depth for c in cases] == [0, 0.25, 0.5, 0.75, 1] and len({c.key for c in cases}) == 5
+    assert cases[0].prompt.index("The pass key") < 200 and cases[-1].prompt.rindex("pass key is") > 800
+    assert score(" 48213. Remember", "48213") and score("48213", "48213")
+    assert not score(" 4821", "48213") and not score(" 482135", "48213") and not score(" none", "48213")
+    assert not score(" 11 then 48213", "48213")  # the first number counts
+    s = summarize(cases, [f" {c.key}." if c.depth > 0.5 else " 0" for c in cases])
+    assert s["accuracy"] == 0.4 and s["accuracy_by_depth"]["0.8-1.0"] == 1.0 and s["accuracy_by_depth"]["0.0-0.2"] == 0
+    with pytest.raises(ValueError, match="too short"):
+        make_case(encode, 50, 0.5, "12345")
+
+
+def test_eval_passkey_cli(tmp_path, capsys):
+    from nanoseek.data import train_bpe
+    from nanoseek.model import preset
+    from nanoseek.stages import eval as eval_stage
+
+    tok = train_bpe(["The grass is green. The pass key is 12345. What is the pass key?"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    Transformer(preset("tiny-v32", vocab_size=300, num_hidden_layers=2, index_topk=32,
+                       max_position_embeddings=256)).save_pretrained(tmp_path / "m")
+    tok.save(tmp_path / "m")
+    assert eval_stage.main(["--model", str(tmp_path / "m"), "--task", "passkey", "--context", "200", "--n", "3",
+                            "--batch-size", "3", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "m" / "eval-passkey-200" / "summary.json").read_text())
+    assert summary["cases"] == 3 and 0 <= summary["accuracy"] <= 1 and summary["prompt_tokens"][1] <= 192
+    assert "passkey @ 200 tokens" in capsys.readouterr().out
+    assert eval_stage.main(["--model", str(tmp_path / "m"), "--task", "passkey", "--context", "512"]) == 2
+    assert "max_position_embeddings" in capsys.readouterr().err

@@ -98,6 +98,7 @@ class Indexer(nn.Module):
             out.append((w[:, t0 : t0 + step, None, :] @ per_head).squeeze(2))  # [B, t, S]
         return torch.cat(out, dim=1)
 
+    @torch.no_grad()  # a selection has no gradient; the indexer trains on its own loss (train/dsa.py)
     def select(self, x, q_resid, cos, sin, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The tokens each query attends to: bool [B, T, S], `index_topk` per row (fewer only where
         `mask`, bool [B|1, T, S], allows fewer). keys [B, S, D] as `stored` returns them."""

@@ -77,3 +77,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         x1, x2 = x[..., :half], x[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(dtype)
+
+
+def extend_context(args: ModelArgs, length: int, factor: float | None = None) -> ModelArgs:
+    """The config of a YaRN context-extension stage: `length` positions from the same weights.
+
+    DeepSeek-V3 (§4.3) extended 4K -> 32K -> 128K in two stages of further training, both with
+    YaRN on the decoupled rope key only, beta_fast 32, beta_slow 1 and attention scale
+    0.1·ln(factor) + 1 (mscale = mscale_all_dim = 1). The original length stays the pre-training one
+    across stages (a second stage refines the first's `rope_scaling`, it does not stack on it).
+    `factor` defaults to length / original; V3 used 40 (its final 160K / 4K) in both stages.
+    """
+    original = args.yarn["original_max_position_embeddings"] if args.yarn else args.max_position_embeddings
+    if length <= args.max_position_embeddings:
+        raise ValueError(f"--extend-context {length} must exceed the model's context "
+                         f"(max_position_embeddings={args.max_position_embeddings})")
+    factor = float(factor if factor is not None else length / original)
+    if factor < 1:
+        raise ValueError(f"YaRN factor {factor} must be >= 1")
+    scaling = {"type": "yarn", "factor": factor, "original_max_position_embeddings": original, "beta_fast": 32,
+               "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    return args.replace(max_position_embeddings=length, rope_scaling=scaling)

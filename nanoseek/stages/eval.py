@@ -2,6 +2,7 @@
 
     nanoseek eval --model runs/sft --task arithmetic --k 8                # 100 test problems, T 0.6, top-p 0.95
     nanoseek eval --model DIR --task countdown --n 50 --k 16 --out runs/eval-cd
+    nanoseek eval --model DIR --task passkey --context 4096 --n 20       # long-context retrieval (greedy)
     nanoseek eval --model DIR --task gsm8k_test.jsonl --greedy --max-new-tokens 1024 \\
         --instruction "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -27,8 +28,9 @@ import time
 from pathlib import Path
 
 from nanoseek.data import DataError
-from nanoseek.eval.runner import (EvalError, add_flags, check_flags, grade, prepare, sample_problems, summarize,
-                                  write_json, write_jsonl)
+from nanoseek.eval import passkey
+from nanoseek.eval.runner import (EvalError, add_flags, check_flags, grade, load_model, prepare, sample_problems,
+                                  summarize, write_json, write_jsonl)
 
 
 def parse_args(argv):
@@ -36,6 +38,7 @@ def parse_args(argv):
     add_flags(p, n_default=100, split_default="test")
     p.add_argument("--k", type=int, default=8, help="samples per problem (R1: 64 for cons@64)")
     p.add_argument("--greedy", action="store_true", help="one greedy sample per problem (k = 1, T = 0)")
+    p.add_argument("--context", type=int, help="passkey: prompt + answer tokens (nanoseek/eval/passkey.py)")
     p.add_argument("--out", type=Path, help="output directory (default: MODEL/eval-TASK)")
     a = p.parse_args(argv)
     if a.greedy:
@@ -45,6 +48,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.task == "passkey":
+        return passkey_main(a)
     try:
         check_flags(a)
         model, tokenizer, problems, texts, prompts = prepare(a)
@@ -65,6 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "summary.json", summary)
     print(table(summary))
     print(f"wrote {out / 'samples.jsonl'} and {out / 'summary.json'}")
+    return 0
+
+
+def passkey_main(a) -> int:
+    """--task passkey --context N: greedy retrieval of a key hidden at evenly spread depths."""
+    try:
+        if a.context is None or a.context < 64 or a.n < 1 or a.batch_size < 1:
+            raise EvalError("--task passkey needs --context N (tokens, >= 64), --n >= 1 and --batch-size >= 1")
+        model, tokenizer = load_model(a.model, a.tokenizer, a.device)
+        summary, records = passkey.run(model, tokenizer, a.context, a.n, a.seed, batch_size=a.batch_size)
+    except (EvalError, DataError, ValueError) as e:
+        print(f"nanoseek eval: error: {e}", file=sys.stderr)
+        return 2
+    summary["model"] = str(a.model)
+    out = a.out or Path(a.model) / f"eval-passkey-{a.context}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "samples.jsonl", records)
+    write_json(out / "summary.json", summary)
+    depths = ", ".join(f"{k}: {v:.2f}" for k, v in summary["accuracy_by_depth"].items())
+    print(f"passkey @ {a.context} tokens: accuracy {summary['accuracy']:.3f} over {summary['cases']} cases "
+          f"(by depth {depths}); wrote {out / 'summary.json'}")
     return 0
 
 
