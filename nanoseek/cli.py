@@ -16,7 +16,9 @@ Each stage parses its own flags (`nanoseek STAGE --help`). Stages are imported o
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import math
 import sys
 
 STAGES = {
@@ -35,6 +37,37 @@ BENCHES = {
     "serve": "nanoseek.bench.serve",
     "balance": "nanoseek.bench.balance",
 }
+
+
+def int_in(lo: int, hi: int = 2**63 - 1):
+    """An argparse `type=` for integers in [lo, hi]: `--keep-last -1` is refused in the user's words
+    ("argument --keep-last: must be an integer >= 0, got -1"), never replaced by a default."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            bound = f">= {lo}" if hi == 2**63 - 1 else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
+        return value
+    return parse
+
+
+def float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
+    """An argparse `type=` for finite floats in a range (open or closed at either end)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+            parts = [f"{'>' if lo_open else '>='} {lo:g}" if lo > -math.inf else "",
+                     f"{'<' if hi_open else '<='} {hi:g}" if hi < math.inf else ""]
+            raise argparse.ArgumentTypeError(f"must be a number {' and '.join(x for x in parts if x) or 'finite'}, "
+                                             f"got {text}")
+        return value
+    return parse
 
 
 def usage() -> str:

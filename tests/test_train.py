@@ -151,7 +151,7 @@ def test_resume_gives_bitwise_identical_losses(data, tmp_path):
     assert run(data, tmp_path / "full", *flags) == 0
     assert run(data, tmp_path / "split", *flags, "--stop-at", "5", "--save-every", "3") == 0
     assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-000005"
-    assert run(data, tmp_path / "split", "--resume") == 0
+    assert train_stage.main(["--out", str(tmp_path / "split"), "--resume"]) == 0  # settings come from the run
     full, split = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
     assert len(full) > 12  # the ramp added steps
     assert full == split  # exact float equality, step for step

@@ -113,46 +113,46 @@ class ModelArgs:
 
     # --- checks --------------------------------------------------------------------------
     def validate(self) -> None:
+        """Every field's type and range (FIELD_RULES), then the limits between fields. One ConfigError
+        naming the field and the value, for `--set`, config.json and presets alike."""
         def need(cond: bool, msg: str):
             if not cond:
                 raise ConfigError(msg)
 
+        missing = {f.name for f in dataclasses.fields(self)} - set(FIELD_RULES)
+        need(not missing, f"no validation rule for ModelArgs fields {sorted(missing)}")  # a new field needs one
+        for name, rule in FIELD_RULES.items():
+            problem = rule(getattr(self, name))
+            need(problem is None, f"{name} {problem}, got {getattr(self, name)!r}")
+
         need(self.model_type in MODEL_TYPES,
              f"model_type {self.model_type!r} is not supported ({', '.join(MODEL_TYPES)})")
         if self.dsa:
-            for name in ("index_n_heads", "index_head_dim", "index_topk"):
-                need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                     f"{name} must be a positive integer, got {getattr(self, name)!r}")
             need(self.q_lora_rank is not None, "deepseek_v32 needs q_lora_rank (the indexer reads the query latent)")
             need(self.qk_rope_head_dim <= self.index_head_dim,
                  f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
             need(self.rope_interleave, "deepseek_v32 checkpoints use rope_interleave=true")
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (silu)")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "v_head_dim", "intermediate_size"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        need(isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
-             f"qk_rope_head_dim must be a positive even integer, got {self.qk_rope_head_dim!r}")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-             f"q_lora_rank must be null or a positive integer, got {self.q_lora_rank!r}")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even (RoPE rotates pairs), got "
+                                             f"{self.qk_rope_head_dim}")
+        need(self.first_k_dense_replace <= self.num_hidden_layers,
              f"first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers="
              f"{self.num_hidden_layers}]")
-        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        for name in ("bos_token_id", "pad_token_id"):
+            tid = getattr(self, name)
+            need(tid is None or tid < self.vocab_size, f"{name}={tid} is outside the vocabulary (vocab_size="
+                                                       f"{self.vocab_size})")
+        for tid in self.eos_token_ids:
+            need(tid < self.vocab_size, f"eos_token_id={tid} is outside the vocabulary (vocab_size={self.vocab_size})")
         if self.first_k_dense_replace < self.num_hidden_layers or self.num_nextn_predict_layers:
             need(self.n_routed_experts > 0 and self.moe_intermediate_size > 0,
                  "MoE layers need n_routed_experts > 0 and moe_intermediate_size > 0")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
                  f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, n_routed_experts="
                  f"{self.n_routed_experts}]")
-        need(self.scoring_func in ("sigmoid", "softmax"),
-             f"scoring_func {self.scoring_func!r} is not supported (sigmoid, softmax)")
-        need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
-             f"topk_method {self.topk_method!r} is not supported (noaux_tc, greedy, group_limited_greedy)")
-        need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+        need(self.n_routed_experts % self.n_group == 0,
              f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}")
-        need(1 <= self.topk_group <= self.n_group, f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        need(self.topk_group <= self.n_group, f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.topk_method != "greedy" and self.topk_group < self.n_group:
             per_group = self.n_routed_experts // self.n_group
             need(self.topk_group * per_group >= self.num_experts_per_tok,
@@ -163,18 +163,20 @@ class ModelArgs:
         if self.yarn is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             need(kind == "yarn", f"rope_scaling type {kind!r} is not supported (yarn)")
-            need(isinstance(self.rope_scaling.get("factor"), (int, float)) and self.rope_scaling["factor"] >= 1,
-                 "rope_scaling.factor must be a number >= 1")
-            need(isinstance(self.rope_scaling.get("original_max_position_embeddings"), int),
-                 "rope_scaling.original_max_position_embeddings must be an integer")
-            unknown = set(self.rope_scaling) - _YARN_KEYS
+            unknown = set(self.rope_scaling) - set(_YARN_RULES)
             need(not unknown, f"unknown rope_scaling keys: {sorted(unknown)}")
+            need("factor" in self.rope_scaling and "original_max_position_embeddings" in self.rope_scaling,
+                 "rope_scaling (yarn) needs factor and original_max_position_embeddings")
+            for key, rule in _YARN_RULES.items():
+                if key in self.rope_scaling:
+                    problem = rule(self.rope_scaling[key])
+                    need(problem is None, f"rope_scaling.{key} {problem}, got {self.rope_scaling[key]!r}")
         if self.quantization_config is not None:
             q = self.quantization_config
             need(q.get("quant_method") == "fp8" and q.get("fmt", "e4m3") == "e4m3",
                  f"quantization_config {q} is not supported (quant_method fp8, fmt e4m3)")
             block = q.get("weight_block_size", [128, 128])
-            need(isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block),
+            need(isinstance(block, (list, tuple)) and len(block) == 2 and all(_is_int(b) and b > 0 for b in block),
                  f"quantization_config.weight_block_size must be [rows, cols], got {block!r}")
 
     # --- config.json I/O ---------------------------------------------------------------------
@@ -197,6 +199,12 @@ class ModelArgs:
         params = cfg.pop("rope_parameters", None)
         scaling = cfg.pop("rope_scaling", None)
         theta = cfg.pop("rope_theta", None)
+        for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{key} must be an object or null, got {value!r}")
+        for key, value in (("rope_theta", theta), ("rope_parameters.rope_theta", (params or {}).get("rope_theta"))):
+            if value is not None and _number(0, strict=True)(value) is not None:
+                raise ConfigError(f"{key} {_number(0, strict=True)(value)}, got {value!r}")
         if params is not None:
             params = dict(params)
             p_theta = params.pop("rope_theta", None)
@@ -305,8 +313,73 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-_YARN_KEYS = {"type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-              "mscale_all_dim", "attention_factor", "truncate"}
+# --- field rules: a function from the value to None (fine) or what is wrong with it ---------------
+MAX_INT = 2**31 - 1  # sizes and token ids beyond int32 are typos (and overflow index tensors)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a size
+
+
+def _int(lo: int, *, optional: bool = False):
+    def rule(v):
+        if v is None and optional:
+            return None
+        if not _is_int(v):
+            return f"must be an integer{' or null' if optional else ''}"
+        if not lo <= v <= MAX_INT:
+            return f"must be in [{lo}, {MAX_INT}]"
+        return None
+    return rule
+
+
+def _number(lo: float, *, strict: bool = False, hi: float = math.inf):
+    def rule(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return "must be a finite number"
+        if v < lo or (strict and v == lo) or v > hi:
+            return f"must be {'>' if strict else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
+        return None
+    return rule
+
+
+def _kind(t: type, what: str, *, optional: bool = False):
+    return lambda v: None if isinstance(v, t) or (optional and v is None) else f"must be {what}"
+
+
+def _token_ids(v):
+    if v is None or _is_int(v) and 0 <= v <= MAX_INT:
+        return None
+    if isinstance(v, list) and v and all(_is_int(x) and 0 <= x <= MAX_INT for x in v):
+        return None
+    return "must be a token id, a non-empty list of token ids, or null"
+
+
+FIELD_RULES = {
+    "model_type": _kind(str, "a string"),
+    "vocab_size": _int(1), "hidden_size": _int(1), "intermediate_size": _int(1), "num_hidden_layers": _int(1),
+    "num_attention_heads": _int(1), "first_k_dense_replace": _int(0),
+    "rms_norm_eps": _number(0, strict=True, hi=1.0), "max_position_embeddings": _int(1),
+    "initializer_range": _number(0), "hidden_act": _kind(str, "a string"), "attention_bias": _kind(bool, "true or false"),
+    "bos_token_id": _int(0, optional=True), "eos_token_id": _token_ids, "pad_token_id": _int(0, optional=True),
+    "q_lora_rank": _int(1, optional=True), "kv_lora_rank": _int(1), "qk_nope_head_dim": _int(1),
+    "qk_rope_head_dim": _int(2), "v_head_dim": _int(1),
+    "moe_intermediate_size": _int(0), "n_routed_experts": _int(0), "n_shared_experts": _int(0),
+    "num_experts_per_tok": _int(0), "n_group": _int(1), "topk_group": _int(1),
+    "topk_method": _kind(str, "a string"), "scoring_func": _kind(str, "a string"),
+    "norm_topk_prob": _kind(bool, "true or false"), "routed_scaling_factor": _number(0, strict=True),
+    "num_nextn_predict_layers": _int(0),
+    "rope_theta": _number(0, strict=True), "rope_scaling": _kind(dict, "an object or null", optional=True),
+    "rope_interleave": _kind(bool, "true or false"),
+    "torch_dtype": lambda v: None if v in ("float32", "bfloat16", "float16") else "must be float32, bfloat16 or float16",
+    "quantization_config": _kind(dict, "an object or null", optional=True),
+    "index_n_heads": _int(1), "index_head_dim": _int(1), "index_topk": _int(1),
+}
+_YARN_RULES = {
+    "type": _kind(str, "a string"), "factor": _number(1), "original_max_position_embeddings": _int(1),
+    "beta_fast": _number(0), "beta_slow": _number(0), "mscale": _number(0), "mscale_all_dim": _number(0),
+    "attention_factor": _number(0, strict=True), "truncate": _kind(bool, "true or false"),
+}
 
 
 def _norm_scaling(scaling: dict | None) -> dict | None:

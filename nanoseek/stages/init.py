@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -29,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         args = preset(a.preset, **parse_overrides(a.overrides))
-    except ConfigError as e:
-        p.error(str(e))
+    except ConfigError as e:  # one line naming the field, without argparse's usage block
+        print(f"nanoseek init: error: {e}", file=sys.stderr)
+        return 2
     if a.tokenizer is not None and not (a.tokenizer / "tokenizer.json").exists():
         p.error(f"--tokenizer {a.tokenizer}: no tokenizer.json there")
     torch.manual_seed(a.seed)

@@ -48,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.checkpoint import CheckpointError
+from nanoseek.cli import float_in, int_in
 from nanoseek.data import BatchLoader, DataError, Tokenizer, TokenShards, eval_batches
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
 from nanoseek.model.args import parse_overrides
@@ -58,23 +59,26 @@ from nanoseek.train.balance import max_vio, update_bias
 from nanoseek.train.loss import evaluate, training_loss
 from nanoseek.train.metrics import JsonlLog, flops_per_token, measure_peak_flops, read_jsonl
 from nanoseek.train.report import plot_run, write_report
+from nanoseek.train.run import RunError, Interrupts, claim_run_dir, explicit_flags, resume_args
 from nanoseek.train.sample import sample
 from nanoseek.train.schedule import Schedule
-from nanoseek.train.state import latest_checkpoint, load_trainer_state, save_checkpoint
+from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
 
-# Flags a resumed run takes from its command line; every other one comes from the saved run.
-RESUMABLE_FLAGS = {"data", "out", "resume", "device", "compile", "max_minutes", "stop_at", "eval_every",
-                   "eval_batches", "save_every", "keep_last", "samples", "max_nonfinite", "quiet"}
+# Flags a resumed run may take from its command line when typed (they cannot change the training
+# numbers); every other setting comes from the saved run, and typing a different value is an error.
+FREE_ON_RESUME = {"data", "tokenizer", "out", "resume", "device", "compile", "max_minutes", "stop_at", "eval_every",
+                  "eval_batches", "save_every", "keep_last", "samples", "max_nonfinite", "quiet"}
 FINAL_SECONDS = 20  # what a --max-minutes run keeps for its final evaluation, samples and report
 PROMPTS = ["import os\n", "def __init__(self", "class ", "    for i in range("]
 FIM_EXAMPLE = ("def add(a, b):\n    ", "\n\n\nprint(add(1, 2))\n")
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoseek train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, type=Path, help="a `nanoseek prepare` output directory")
+    p.add_argument("--data", type=Path, help="a `nanoseek prepare` output directory (on --resume: the saved run's)")
     p.add_argument("--out", required=True, type=Path, help="run directory (checkpoints, logs, report)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest with the saved "
+                   "run's settings")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -82,102 +86,126 @@ def parse_args(argv):
                         "unless set here")
     g.add_argument("--tokenizer", type=Path, help="tokenizer dir (default DATA/tokenizer); must be the shards' own")
     g = p.add_argument_group("budget (one of them)")
-    g.add_argument("--tokens", type=int, help="training tokens (V3: 14.8e12)")
-    g.add_argument("--steps", type=int, help="optimizer steps at the full batch size (a batch ramp adds a few)")
-    g.add_argument("--max-minutes", type=float, help="wall-clock budget; alone, it sets the token budget from a "
+    g.add_argument("--tokens", type=int_in(1), help="training tokens (V3: 14.8e12)")
+    g.add_argument("--steps", type=int_in(1), help="optimizer steps at the full batch size (a batch ramp adds a few)")
+    g.add_argument("--max-minutes", type=float_in(0, lo_open=True), help="wall-clock budget; alone, it sets the token budget from a "
                                                      "measured throughput; with --tokens/--steps, a hard stop")
-    g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as if interrupted")
+    g.add_argument("--stop-at", type=int_in(1), help="stop after this step with a checkpoint, as if interrupted")
     g = p.add_argument_group("batch")
-    g.add_argument("--seq-len", type=int, help="tokens per sequence (default: the data's meta.json, V3: 4096)")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (V3: 15360)")
-    g.add_argument("--micro-batch", type=int, help="sequences per forward pass; gradient accumulation makes up the "
+    g.add_argument("--seq-len", type=int_in(1), help="tokens per sequence (default: the data's meta.json, V3: 4096)")
+    g.add_argument("--batch-size", type=int_in(1), default=16, help="sequences per optimizer step (V3: 15360)")
+    g.add_argument("--micro-batch", type=int_in(1), help="sequences per forward pass; gradient accumulation makes up the "
                                                   "rest (default: --batch-size)")
-    g.add_argument("--batch-start", type=int, help="batch size at step 0, ramped up linearly (default: 1/5 of "
+    g.add_argument("--batch-start", type=int_in(1), help="batch size at step 0, ramped up linearly (default: 1/5 of "
                                                   "--batch-size as V3's 3072 -> 15360; = --batch-size: no ramp)")
-    g.add_argument("--batch-ramp", type=float, default=V3.V3_BATCH_RAMP,
+    g.add_argument("--batch-ramp", type=float_in(0, 1), default=V3.V3_BATCH_RAMP,
                    help="fraction of tokens the ramp lasts (V3: 469B/14.8T = %(default).4f)")
     g = p.add_argument_group("optimizer and schedule")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (V3: 2.2e-4)")
-    g.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps (V3: 2000)")
-    g.add_argument("--decay-start", type=float, default=V3.V3_DECAY_START,
+    g.add_argument("--lr", type=float_in(0, lo_open=True), default=3e-3, help="peak learning rate (V3: 2.2e-4)")
+    g.add_argument("--warmup-steps", type=int_in(0), default=30, help="linear warm-up steps (V3: 2000)")
+    g.add_argument("--decay-start", type=float_in(0, 1), default=V3.V3_DECAY_START,
                    help="fraction of tokens where the cosine starts (V3: 10T/14.8T = %(default).3f)")
-    g.add_argument("--decay-end", type=float, default=V3.V3_DECAY_END,
+    g.add_argument("--decay-end", type=float_in(0, 1), default=V3.V3_DECAY_END,
                    help="fraction where the cosine reaches lr/10 (V3: 14.3T/14.8T = %(default).3f)")
-    g.add_argument("--tail-switch", type=float, default=V3.V3_TAIL_SWITCH,
+    g.add_argument("--tail-switch", type=float_in(0, 1), default=V3.V3_TAIL_SWITCH,
                    help="fraction where the last tail (lr*%.3f) starts (V3: %%(default).4f)" % V3.V3_TAIL_RATIO)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    g.add_argument("--weight-decay", type=float_in(0), default=0.1)
+    g.add_argument("--beta1", type=float_in(0, 1, hi_open=True), default=0.9)
+    g.add_argument("--beta2", type=float_in(0, 1, hi_open=True), default=0.95)
+    g.add_argument("--grad-clip", type=float_in(0), default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="initialisation and data-order seed")
     g = p.add_argument_group("multi-token prediction")
-    g.add_argument("--mtp-lambda", type=float, default=0.3, help="MTP loss weight early (V3: 0.3; 0 skips MTP)")
-    g.add_argument("--mtp-lambda-late", type=float, default=0.1, help="MTP loss weight late (V3: 0.1)")
-    g.add_argument("--mtp-switch", type=float, default=V3.V3_MTP_SWITCH,
+    g.add_argument("--mtp-lambda", type=float_in(0), default=0.3, help="MTP loss weight early (V3: 0.3; 0 skips MTP)")
+    g.add_argument("--mtp-lambda-late", type=float_in(0), default=0.1, help="MTP loss weight late (V3: 0.1)")
+    g.add_argument("--mtp-switch", type=float_in(0, 1), default=V3.V3_MTP_SWITCH,
                    help="fraction of tokens where λ switches (V3: 10T/14.8T = %(default).3f)")
     g = p.add_argument_group("load balancing")
-    g.add_argument("--bias-gamma", type=float, default=3e-3,
+    g.add_argument("--bias-gamma", type=float_in(0), default=3e-3,
                    help="aux-loss-free bias speed γ (V3: 0.001 over 14.8T tokens; a run of a few hundred steps "
                         "needs a faster one, see `nanoseek bench balance`; 0: off)")
-    g.add_argument("--bias-freeze", type=float, default=V3.V3_DECAY_END,
+    g.add_argument("--bias-freeze", type=float_in(0, 1), default=V3.V3_DECAY_END,
                    help="fraction of tokens after which γ = 0 (V3: 14.3T/14.8T = %(default).3f)")
-    g.add_argument("--seq-alpha", type=float, default=1e-4, help="sequence-wise balance loss weight α (V3: 1e-4)")
-    g.add_argument("--aux-alpha", type=float, default=0.0, help="classic batch-wide auxiliary loss weight (V2-style "
+    g.add_argument("--seq-alpha", type=float_in(0), default=1e-4, help="sequence-wise balance loss weight α (V3: 1e-4)")
+    g.add_argument("--aux-alpha", type=float_in(0), default=0.0, help="classic batch-wide auxiliary loss weight (V2-style "
                                                              "baseline, e.g. 0.01; default off)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: fp32 on CPU, bf16 autocast on GPU")
     g.add_argument("--compile", action="store_true", help="torch.compile attention and dense FFNs")
-    g.add_argument("--eval-every", type=int, default=100, help="validation every N steps (0: start and end only)")
-    g.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0: all)")
-    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
-    g.add_argument("--samples", type=int, default=len(PROMPTS), help="completions printed at the end (+1 FIM)")
+    g.add_argument("--eval-every", type=int_in(0), default=100, help="validation every N steps (0: start and end only)")
+    g.add_argument("--eval-batches", type=int_in(1), default=20, help="validation batches per evaluation")
+    g.add_argument("--save-every", type=int_in(0), default=0, help="checkpoint every N steps (0: at the end only)")
+    g.add_argument("--keep-last", type=int_in(0), default=2, help="checkpoints to keep (0: all)")
+    g.add_argument("--max-nonfinite", type=int_in(1), default=10, help="stop after this many non-finite steps in a row")
+    g.add_argument("--samples", type=int_in(0), default=len(PROMPTS), help="completions printed at the end (+1 FIM)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     budget = [x for x in (a.tokens, a.steps) if x is not None]
     if len(budget) > 1 or (not budget and a.max_minutes is None and not a.resume):
         p.error("give exactly one of --tokens / --steps, or --max-minutes alone")
+    if a.data is None and not a.resume:
+        p.error("--data is required (a `nanoseek prepare` output directory)")
+    return a
+
+
+def complete_args(a: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on other flags, and the checks between flags (after a resume merged them)."""
     a.micro_batch = a.micro_batch or a.batch_size
     if a.batch_start is None:
         a.batch_start = max(a.micro_batch, round(a.batch_size * V3.V3_BATCH_START_RATIO))
-    for flag in ("batch_size", "micro_batch", "batch_start", "eval_batches", "max_nonfinite"):
-        if getattr(a, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if a.batch_size % a.micro_batch:
-        p.error(f"--batch-size {a.batch_size} must be a multiple of --micro-batch {a.micro_batch}")
+        raise RunError(f"--batch-size {a.batch_size} must be a multiple of --micro-batch {a.micro_batch}")
+    if a.batch_start > a.batch_size:
+        raise RunError(f"--batch-start {a.batch_start} must not exceed --batch-size {a.batch_size}")
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    a = parse_args(parser, argv)
     t_start = time.perf_counter()
     try:
-        return train(a, t_start)
-    except (DataError, ConfigError, CheckpointError, ValueError) as e:
-        raise SystemExit(f"nanoseek train: error: {e}") from None
+        with claim_run_dir(a.out, "train"), Interrupts() as stop:
+            return train(a, explicit_flags(parser, argv), stop, t_start)
+    except (DataError, ConfigError, CheckpointError, RunError, ValueError) as e:
+        print(f"nanoseek train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C outside the loop (set-up, final evaluation, report)
+        print(f"nanoseek train: interrupted; the newest checkpoint is "
+              f"{latest_checkpoint(a.out / 'checkpoints') or 'none (nothing was saved)'}", file=sys.stderr)
+        return 130
 
 
-def train(a: argparse.Namespace, t_start: float) -> int:
+def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: float) -> int:
     ckpt_root = a.out / "checkpoints"
     resume_from = latest_checkpoint(ckpt_root) if a.resume else None
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state" / "state.json").read_text())["args"]
-        a = argparse.Namespace(**{**saved, **{k: getattr(a, k) for k in RESUMABLE_FLAGS}})
+        saved = read_trainer_state(resume_from)["args"]
+        a = resume_args(a, saved, explicit, FREE_ON_RESUME)
+        for flag in ("stop_at", "max_minutes"):  # limits of one invocation, not settings of the run (a
+            if flag not in explicit:             # minutes budget is fixed in tokens by now)
+                setattr(a, flag, None)
         a.data, a.out, a.tokenizer = Path(a.data), Path(a.out), a.tokenizer and Path(a.tokenizer)
     elif a.resume:
+        if a.data is None:
+            raise RunError(f"nothing to resume in {ckpt_root} (no checkpoint yet); pass --data and a budget to "
+                           f"start a run there")
         print(f"nanoseek train: no checkpoint in {ckpt_root} yet, starting from scratch", file=sys.stderr)
     elif (ckpt_root / "latest").exists():
-        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with --resume, or "
-                         f"use another --out")
-    if a.tokens is None and a.steps is None and a.max_minutes is None:
-        raise ValueError("nothing to resume and no budget given (--tokens, --steps or --max-minutes)")
+        raise RunError(f"{ckpt_root} holds checkpoints of an earlier run: continue it with --resume, or "
+                       f"use another --out")
+    a = complete_args(a)
+    if resume_from is None and a.tokens is None and a.steps is None and a.max_minutes is None:
+        raise RunError("nothing to resume and no budget given (--tokens, --steps or --max-minutes)")
 
     # --- device and precision ------------------------------------------------------------------
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)
+    device = pick_device(a.device)
     bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
     amp = autocast or contextlib.nullcontext
@@ -210,6 +238,9 @@ def train(a: argparse.Namespace, t_start: float) -> int:
         torch.manual_seed(a.seed)
         model = Transformer(preset(a.preset, **overrides)).to(device)
     model.train()
+    if seq_len > model.args.max_position_embeddings:
+        raise RunError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                       f"{model.args.max_position_embeddings}")
     train_shards = TokenShards(a.data, "train", tokenizer_vocab_size=tokenizer.vocab_size,
                                model_vocab_size=model.args.vocab_size)
     val_shards = TokenShards(a.data, "val", tokenizer_vocab_size=tokenizer.vocab_size,
@@ -279,98 +310,117 @@ def train(a: argparse.Namespace, t_start: float) -> int:
                      "train_seconds": elapsed_before + train_seconds, "loader": loader.state_dict(),
                      "schedule": dataclasses.asdict(sched),
                      "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
-        return save_checkpoint(ckpt_root, step, model, optimizer, run_state, tokenizer_dir=tok_dir,
-                               keep_last=a.keep_last)
+        with stop.critical():
+            return save_checkpoint(ckpt_root, step, model, optimizer, run_state, tokenizer_dir=tok_dir,
+                                   keep_last=a.keep_last)
 
     # --- the loop --------------------------------------------------------------------------------------
-    if step == 0:
+    # A signal sets stop.requested: the step in flight finishes, a checkpoint of it is written and the
+    # run exits 130/143. A second one abandons the step (KeyboardInterrupt below): its gradients are
+    # dropped and the data position rewound to the last completed step, which is then saved. Only
+    # the update and its bookkeeping (stop.critical) cannot be cut.
+    if step == 0 and not stop.requested:
         first = run_eval()
         print(f"step 0: val loss {first['val_loss']:.4f}, {fmt_bpb(first['val_bpb'])}")
     params = [p for _, p in named]
     bar = tqdm(total=total_tokens, initial=tokens, unit="tok", unit_scale=True, disable=a.quiet,
                dynamic_ncols=True, mininterval=1.0)
-    bad_streak, train_seconds, last_saved, interrupted, stop_reason = 0, 0.0, None, False, "done"
+    bad_streak, train_seconds, last_saved, stop_reason = 0, 0.0, step if resume_from else None, "done"
+    interrupted = None  # "--stop-at" or the signal's name
     # A minutes budget is re-planned from the throughput actually reached (evaluation included), but
     # only while the learning rate is still on its constant plateau, so the curve keeps its shape.
     time_budget = a.tokens is None and a.steps is None and resume_from is None
     replan_at = [a.max_minutes * 60 * f for f in (0.2, 0.35, 0.5, 0.65)] if time_budget else []
     t_loop, tokens_loop = time.perf_counter(), tokens
-    while tokens < total_tokens:
-        t0 = time.perf_counter()
-        batch = sched.batch_at(tokens)
-        lr, lam, gamma = sched.lr_at(step, tokens), sched.mtp_lambda_at(tokens), sched.gamma_at(tokens)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        accum = batch // a.micro_batch
-        losses, counts = torch.zeros(3, device=device), None  # ce, mtp, balance, summed over micro-batches
-        for _ in range(accum):
-            inputs, targets = (t.to(device, non_blocking=True) for t in next(loader))
-            with amp():
-                parts = training_loss(model, inputs, targets, lam if has_mtp else 0.0, a.seq_alpha, a.aux_alpha)
-            (parts.total / accum).backward()
-            losses += torch.stack([parts.ce, parts.mtp, parts.balance])
-            counts = parts.counts if counts is None else counts + parts.counts
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
-        ce, mtp, bal = (losses / accum).tolist()  # one host sync per step
-        skipped = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(grad_norm))
-        if skipped:  # no update, no bias move; the batch is consumed all the same
-            nonfinite, bad_streak = nonfinite + 1, bad_streak + 1
-        else:
-            optimizer.step()
-            if gamma > 0 and counts is not None and len(counts):
-                update_bias(model, counts, gamma)
-            bad_streak = 0
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        step, tokens = step + 1, tokens + batch * seq_len
-        tok_s = batch * seq_len / dt
-        rec = {"kind": "train", "step": step, "tokens": tokens, "loss": ce, "mtp_loss": mtp if has_mtp else None,
-               "balance_loss": bal, "lr": lr, "mtp_lambda": lam if has_mtp else 0.0, "bias_gamma": gamma,
-               "batch": batch, "grad_norm": grad_norm, "tok_per_s": tok_s, "mfu": tok_s * flops_tok / peak,
-               "skipped": skipped}
-        if counts is not None and len(counts):
-            rec["maxvio"] = max_vio(counts).tolist()
-            rec["load"] = (counts / counts.sum(-1, keepdim=True)).tolist()
-        log.write(rec)
-        bar.update(batch * seq_len)
-        bar.set_postfix_str(f"step {step} loss {ce:.3f} mfu {rec['mfu']:.1%}", refresh=False)
+    committed = loader.state_dict()  # the data position after the last completed step
+    try:
+        while tokens < total_tokens and not stop.requested:
+            t0 = time.perf_counter()
+            batch = sched.batch_at(tokens)
+            lr, lam, gamma = sched.lr_at(step, tokens), sched.mtp_lambda_at(tokens), sched.gamma_at(tokens)
+            accum = batch // a.micro_batch
+            losses, counts = torch.zeros(3, device=device), None  # ce, mtp, balance, summed over micro-batches
+            for _ in range(accum):
+                inputs, targets = (t.to(device, non_blocking=True) for t in next(loader))
+                with amp():
+                    parts = training_loss(model, inputs, targets, lam if has_mtp else 0.0, a.seq_alpha, a.aux_alpha)
+                (parts.total / accum).backward()
+                losses += torch.stack([parts.ce, parts.mtp, parts.balance])
+                counts = parts.counts if counts is None else counts + parts.counts
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
+            ce, mtp, bal = (losses / accum).tolist()  # one host sync per step
+            skipped = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(grad_norm))
+            with stop.critical():  # the step is applied and recorded whole, or not at all
+                if skipped:  # no update, no bias move; the batch is consumed all the same
+                    nonfinite, bad_streak = nonfinite + 1, bad_streak + 1
+                else:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer.step()
+                    if gamma > 0 and counts is not None and len(counts):
+                        update_bias(model, counts, gamma)
+                    bad_streak = 0
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                train_seconds += dt
+                step, tokens = step + 1, tokens + batch * seq_len
+                committed = loader.state_dict()
+                tok_s = batch * seq_len / dt
+                rec = {"kind": "train", "step": step, "tokens": tokens, "loss": ce,
+                       "mtp_loss": mtp if has_mtp else None, "balance_loss": bal, "lr": lr,
+                       "mtp_lambda": lam if has_mtp else 0.0, "bias_gamma": gamma, "batch": batch,
+                       "grad_norm": grad_norm, "tok_per_s": tok_s, "mfu": tok_s * flops_tok / peak, "skipped": skipped}
+                if counts is not None and len(counts):
+                    rec["maxvio"] = max_vio(counts).tolist()
+                    rec["load"] = (counts / counts.sum(-1, keepdim=True)).tolist()
+                log.write(rec)
+            bar.update(batch * seq_len)
+            bar.set_postfix_str(f"step {step} loss {ce:.3f} mfu {rec['mfu']:.1%}", refresh=False)
 
-        if bad_streak >= a.max_nonfinite:
-            bar.close()
-            raise SystemExit(f"nanoseek train: error: {bad_streak} non-finite steps in a row at step {step} "
-                             f"(lr {lr:.2e}); stopping. The last good checkpoint is {latest_checkpoint(ckpt_root)}")
-        if a.eval_every and step % a.eval_every == 0 and tokens < total_tokens:
-            r = run_eval()
-            peak = max(peak, measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
-            bar.write(f"step {step}: val loss {r['val_loss']:.4f}, {fmt_bpb(r['val_bpb'])}, "
-                      f"val MaxVio {sum(r['val_maxvio']) / max(1, len(r['val_maxvio'])):.3f}")
-        if a.save_every and step % a.save_every == 0:
-            last_saved = step
-            checkpoint()
-        if a.stop_at is not None and step >= a.stop_at and tokens < total_tokens:
-            interrupted = True
-            break
-        if replan_at and time.perf_counter() - t_start >= replan_at[0]:
-            replan_at.pop(0)
-            now = time.perf_counter()
-            rate = (tokens - tokens_loop) / (now - t_loop)
-            planned = tokens + int(rate * (a.max_minutes * 60 - (now - t_start) - FINAL_SECONDS))
-            if sched.batch_ramp * planned < tokens < sched.decay_start * min(planned, total_tokens):
-                total_tokens = sched.total_tokens = planned
-                bar.total = planned
-                bar.write(f"budget re-planned at {rate:,.0f} tokens/s: {planned:,} tokens")
-        if a.max_minutes is not None and time.perf_counter() - t_start > a.max_minutes * 60:
-            stop_reason = f"stopped at step {step}: --max-minutes {a.max_minutes} reached"
-            break
+            if bad_streak >= a.max_nonfinite:
+                bar.close()
+                raise SystemExit(f"nanoseek train: error: {bad_streak} non-finite steps in a row at step {step} "
+                                 f"(lr {lr:.2e}); stopping. The last good checkpoint is {latest_checkpoint(ckpt_root)}")
+            if stop.requested:
+                break
+            if a.eval_every and step % a.eval_every == 0 and tokens < total_tokens:
+                r = run_eval()
+                peak = max(peak, measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
+                bar.write(f"step {step}: val loss {r['val_loss']:.4f}, {fmt_bpb(r['val_bpb'])}, "
+                          f"val MaxVio {sum(r['val_maxvio']) / max(1, len(r['val_maxvio'])):.3f}")
+            if a.save_every and step % a.save_every == 0:
+                last_saved = step
+                checkpoint()
+            if a.stop_at is not None and step >= a.stop_at and tokens < total_tokens:
+                interrupted = "--stop-at"
+                break
+            if replan_at and time.perf_counter() - t_start >= replan_at[0]:
+                replan_at.pop(0)
+                now = time.perf_counter()
+                rate = (tokens - tokens_loop) / (now - t_loop)
+                planned = tokens + int(rate * (a.max_minutes * 60 - (now - t_start) - FINAL_SECONDS))
+                if sched.batch_ramp * planned < tokens < sched.decay_start * min(planned, total_tokens):
+                    total_tokens = sched.total_tokens = planned
+                    bar.total = planned
+                    bar.write(f"budget re-planned at {rate:,.0f} tokens/s: {planned:,} tokens")
+            if a.max_minutes is not None and time.perf_counter() - t_start > a.max_minutes * 60:
+                stop_reason = f"stopped at step {step}: --max-minutes {a.max_minutes} reached"
+                break
+    except KeyboardInterrupt:  # a second signal: drop the step in flight, keep the last completed one
+        optimizer.zero_grad(set_to_none=True)
+        loader.load_state_dict(committed)
     bar.close()
+    if stop.requested:
+        interrupted = stop.requested
     if last_saved != step:
         checkpoint()
     if interrupted:
-        print(f"stopped at step {step} (--stop-at); continue with --resume")
-        return 0
+        how = f"interrupted ({interrupted})" if interrupted != "--stop-at" else "stopped (--stop-at)"
+        print(f"{how} at step {step}: checkpoint {latest_checkpoint(ckpt_root)}; continue with: "
+              f"nanoseek train --out {a.out} --resume", file=sys.stderr if interrupted != "--stop-at" else sys.stdout)
+        return 0 if interrupted == "--stop-at" else stop.exit_code
 
     # --- final evaluation, samples, report --------------------------------------------------------------
     final = run_eval()
@@ -411,6 +461,18 @@ def train(a: argparse.Namespace, t_start: float) -> int:
           f"bits/byte {fmt_bpb(first['val_bpb'], '')} -> {fmt_bpb(final['val_bpb'], '')}; "
           f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}; report: {report}")
     return 0
+
+
+def pick_device(flag: str) -> torch.device:
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise RunError(f"--device {flag!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {flag}: CUDA is not available on this machine (use --device cpu)")
+    return device
 
 
 def budget_from_minutes(a, model, seq_len, device, amp, t_start) -> int:

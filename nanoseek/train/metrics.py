@@ -79,7 +79,7 @@ class JsonlLog:
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        keep = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -90,5 +90,17 @@ class JsonlLog:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics log. A line that is not a JSON object (a process killed mid-write
+    leaves a torn last line) is skipped: the log is a record of the run, not its state."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -42,14 +42,45 @@ def checkpoint_name(step: int) -> str:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The checkpoint `root/latest` points to, or None when there is none yet."""
+    """The checkpoint `root/latest` points to, or None when there is none yet. A pointer to a missing
+    or incomplete checkpoint is an error that names the newest intact one."""
     pointer = Path(root) / "latest"
     if not pointer.is_file():
         return None
     path = Path(root) / pointer.read_text().strip()
     if not (path / "trainer_state" / "state.json").is_file():
-        raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+        raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
+                         f"{_intact_hint(Path(root), path)}")
     return path
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The JSON trainer state of checkpoint `path` (ValueError naming the damage and an intact older one)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state" / "state.json").read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path} is damaged ({path / 'trainer_state' / 'state.json'}: {e}); "
+                         f"{_intact_hint(path.parent, path)}") from None
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path}: trainer state version {state.get('version')}, this code reads {STATE_VERSION}")
+    return state
+
+
+def _intact_hint(root: Path, damaged: Path) -> str:
+    """Which older checkpoint can be resumed instead, and how."""
+    for older in sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir() and p != damaged),
+                        reverse=True):
+        try:
+            json.loads((older / "trainer_state" / "state.json").read_text()).items()
+            load_file(str(older / "trainer_state" / "tensors.safetensors"))
+        except Exception:  # noqa: BLE001 - any failure means "not intact"
+            continue
+        return (f"the newest intact checkpoint is {older}: resume from it with "
+                f"`echo {older.name} > {root / 'latest'}` and --resume")
+    return "no intact checkpoint is left in " + str(root)
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
@@ -87,10 +118,12 @@ def load_trainer_state(path: str | os.PathLike, model: Transformer, optimizer: t
     The model's weights come from the same directory via `Transformer.from_pretrained(path)`.
     """
     sdir = Path(path) / "trainer_state"
-    state = json.loads((sdir / "state.json").read_text())
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"{sdir}: trainer state version {state.get('version')}, this code reads {STATE_VERSION}")
-    tensors = load_file(str(sdir / "tensors.safetensors"))
+    state = read_trainer_state(path)
+    try:
+        tensors = load_file(str(sdir / "tensors.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise ValueError(f"checkpoint {path} is damaged ({sdir / 'tensors.safetensors'}: {e}); "
+                         f"{_intact_hint(Path(path).parent, Path(path))}") from None
     names = _param_names(model, optimizer)
     saved_groups = state["optimizer"]["param_groups"]
     if [g["params"] for g in saved_groups] != [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]:

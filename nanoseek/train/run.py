@@ -1,0 +1,195 @@
+"""The run machinery every training stage shares (`train`, and the stages built on it): what makes
+a run directory safe to use.
+
+    a = resume_args(a, saved_args, explicit_flags(parser, argv), free=FREE)  # a resumed run's settings
+    with claim_run_dir(out, "train"), Interrupts() as stop:        # one writer; Ctrl-C sets a flag
+        try:
+            while ...:
+                forward + backward                                 # a 2nd Ctrl-C abandons it
+                with stop.critical(): optimizer.step(); step += 1  # never half-applied
+                if stop.requested: break                           # -> save the last step, exit 130
+        except KeyboardInterrupt: rewind the data position to the last completed step
+
+* **One writer per run directory.** `claim_run_dir` takes an exclusive `flock` on `OUT/.lock`, which
+  the OS drops when the process ends, however it ends: a second process on the same directory
+  refuses with the first one's pid and command; a lock file left by a crashed run is noticed, said,
+  and taken over.
+* **Interrupts save.** SIGINT / SIGTERM set a flag that the loop reads between steps: the step in
+  flight finishes, the stage writes a checkpoint of it and exits 130 / 143 with the command that
+  continues the run. A second signal abandons the step in flight (its gradients are dropped and the
+  data position rewound) but never an optimizer update or a checkpoint write (`Interrupts.critical`).
+* **Resume keeps the run's settings.** Every setting comes from the saved run unless the command
+  line gives it; a flag given explicitly that would change the numbers is an error naming it, and
+  only the `free` flags (device, cadences, retention, time limits) may differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+
+class RunError(ValueError):
+    """A run directory or a resume request that cannot be honoured (one line for the user)."""
+
+
+class Interrupted(Exception):
+    """Raised by a stage after it saved an interrupted run; carries the exit code (130 / 143)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+# --- one writer per run directory --------------------------------------------------------------------
+@contextlib.contextmanager
+def claim_run_dir(out: str | os.PathLike, stage: str):
+    """Hold an exclusive lock on `out/.lock` for the life of the block (and so of the process).
+
+    Raises RunError when another live process holds it. The file records who holds it (pid, host,
+    command, start time) so the refusal can say so; it stays behind after exit, harmlessly: only the
+    kernel's lock counts, and the kernel drops it when its holder dies."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a run directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(f"cannot use --out {out}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{out} is in use by another run ({_holder(fd)}): one writer per run directory; "
+                           f"wait for it to finish, stop it, or use another --out") from None
+        previous = _holder(fd, raw=True)
+        if previous.get("pid") and not previous.get("released"):
+            print(f"note: {out}/.lock was left by an earlier run that did not exit cleanly (pid "
+                  f"{previous['pid']}, {previous.get('command', '?')}); taking it over", file=sys.stderr)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+              "command": " ".join(shlex.quote(x) for x in ["nanoseek", stage, *sys.argv[2:]])[:300],
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_lock(fd, me)
+        try:
+            yield out
+        finally:
+            _write_lock(fd, {**me, "released": True})
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _holder(fd: int, raw: bool = False):
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        info = json.loads(os.read(fd, 4096).decode() or "{}")
+    except (ValueError, UnicodeDecodeError):
+        info = {}
+    if raw:
+        return info if isinstance(info, dict) else {}
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}: "
+            f"{info.get('command', '?')}")
+
+
+def _write_lock(fd: int, info: dict) -> None:
+    data = json.dumps(info).encode()
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, data)
+
+
+# --- interrupts ---------------------------------------------------------------------------------------
+class Interrupts:
+    """SIGINT / SIGTERM handling for a training loop (a context manager that restores the old handlers).
+
+    The first signal only sets `requested` ("SIGINT" / "SIGTERM"): the loop finishes its step, saves
+    and exits with `exit_code`. A second signal raises KeyboardInterrupt at once, to abandon whatever
+    is in flight (a step's forward/backward, an evaluation), except inside `critical()` (the
+    optimizer update and the bookkeeping that commits a step, a checkpoint write): there it is held
+    and raised when the block ends, so a step is either wholly applied or not at all."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._count = 0
+        self._critical = 0
+        self._held = False
+        self._old = {}
+
+    def __enter__(self) -> "Interrupts":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (signal.SIGTERM if self.requested == "SIGTERM" else signal.SIGINT)
+
+    def _handle(self, signum, frame) -> None:
+        self._count += 1
+        self.requested = self.requested or signal.Signals(signum).name
+        if self._count == 1:
+            print(f"\n{self.requested}: finishing the current step, then saving a checkpoint "
+                  f"(send it again to abandon the step)", file=sys.stderr, flush=True)
+        elif self._critical:
+            self._held = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self):
+        """Work that must complete once started; a second signal inside waits for its end."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if not self._critical and self._held:
+            self._held = False
+            raise KeyboardInterrupt
+
+
+# --- resuming: whose settings count ------------------------------------------------------------------
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The `dest` names of the options the user actually typed (defaults do not count)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:  # store_true / store_false / store_const
+                kwargs.update(action="store_const", const=action.const)
+            else:
+                kwargs.update(nargs=action.nargs)
+            quiet.add_argument(*action.option_strings, **kwargs)
+    known, _ = quiet.parse_known_args(argv)
+    return set(vars(known))
+
+
+def resume_args(a: argparse.Namespace, saved: dict, explicit: set[str], free: set[str]) -> argparse.Namespace:
+    """The settings of a resumed run: the saved run's, except the `free` flags the user typed now.
+
+    A typed flag outside `free` whose value differs from the saved one would change the numbers:
+    RunError naming every such flag (values compared as the saved JSON holds them)."""
+    def norm(v):
+        return str(v) if isinstance(v, Path) else v
+
+    clash = [k for k in sorted(explicit - free) if k in saved and json.loads(json.dumps(norm(getattr(a, k))))
+             != saved[k]]
+    if clash:
+        got = ", ".join(f"--{k.replace('_', '-')} {norm(getattr(a, k))} (saved: {saved[k]})" for k in clash)
+        raise RunError(f"cannot resume with {got}: the run was made with the saved value(s) and changing them "
+                       f"would change its numbers; drop the flag(s) to resume, or start a new run in another --out")
+    merged = {**vars(a), **saved, **{k: getattr(a, k) for k in explicit & free}}
+    return argparse.Namespace(**merged)
