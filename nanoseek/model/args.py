@@ -133,6 +133,10 @@ class ModelArgs:
                  f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
             need(self.rope_interleave, "deepseek_v32 checkpoints use rope_interleave=true")
         need(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (silu)")
+        need(self.scoring_func in ("sigmoid", "softmax"),
+             f"scoring_func {self.scoring_func!r} is not supported (sigmoid, softmax)")
+        need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
+             f"topk_method {self.topk_method!r} is not supported (noaux_tc, greedy, group_limited_greedy)")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even (RoPE rotates pairs), got "
                                              f"{self.qk_rope_head_dim}")
         need(self.first_k_dense_replace <= self.num_hidden_layers,

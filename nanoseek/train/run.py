@@ -77,7 +77,7 @@ def claim_run_dir(out: str | os.PathLike, stage: str):
             print(f"note: {out}/.lock was left by an earlier run that did not exit cleanly (pid "
                   f"{previous['pid']}, {previous.get('command', '?')}); taking it over", file=sys.stderr)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
-              "command": " ".join(shlex.quote(x) for x in ["nanoseek", stage, *sys.argv[2:]])[:300],
+              "command": " ".join(shlex.quote(x) for x in sys.argv)[:300],
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         _write_lock(fd, me)
         try:
