@@ -8,6 +8,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Eager is the reference path: engines (and the servers and CLIs tests start) compile only when a
+# test asks (compile=True, or tests/test_engine_speed.py, which unsets this to test the default).
+os.environ.setdefault("NANOSEEK_COMPILE", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -25,18 +25,26 @@ Design choices, with the measurements behind them (the `small` preset, 2-core CP
 * Prompts are prefilled in padded groups of similar length and at most `prefill_chunk` tokens
   (padding writes positions past a prompt's end, which decoding overwrites before any query can
   see them); a prompt longer than that is prefilled alone in chunks, which bounds memory.
-* `compile=True` wraps the decode (and speculative verify/draft) forward in torch.compile, gpt-fast
-  style: attention then reads all max_seq_len cache rows under the position mask, so the shape is
-  static and one graph serves every step (the batch size stays a dynamic dimension). It cuts the
-  per-token Python and kernel-launch overhead that dominates small models on CPU (tiny preset,
-  batch 1, prompt 512: ~0.7 ms/step against ~3 ms eager), at the price of 5-20 s of compiling
-  per engine. It is used while the step's tokens fit the MoE's gathered-experts path; larger batches
-  run eagerly (fp32 grouped GEMMs cannot be traced on CPU, and a graph broken around them measured
-  slower). The eager path, attending over just the rows in use, is the default.
+* Compiled decoding (`compiled.py`) wraps the decode (and speculative verify/draft) forward in
+  torch.compile, gpt-fast style: attention then reads all max_seq_len cache rows under the position
+  mask, so the shape is static and one graph serves every step and every prompt length (the batch
+  size stays a dynamic dimension). It cuts the per-token Python and kernel-launch overhead that
+  dominates small models on CPU (tiny preset, batch 1, prompt 512: ~0.7 ms/step against ~2.2 ms
+  eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). It is used
+  while the step's tokens fit the MoE's gathered-experts path; larger batches run eagerly (fp32
+  grouped GEMMs cannot be traced on CPU, and a graph broken around them measured slower).
+  compile=None (the default) decides by itself: eager first, compiled once the eager time spent
+  reaches the recorded price of compiling this shape (`CompiledSteps`); `warmup()` compiles now.
+* speculative="auto" (the default for a checkpoint with MTP modules) measures both decode modes
+  per batch size and speculates only while it yields more tokens per second (`AutoSpeculation`).
+  Requests with an explicit seed that sample stay on plain decoding, so a seed reproduces whatever
+  the timings were. Plain steps keep each request's newest main hidden states; when speculation
+  turns on, the MTP cache rows the plain steps skipped are written first (`spec.catch_up`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -47,11 +55,14 @@ import torch
 from . import speculative as spec
 from ..model.indexer import set_fp8_keys
 from .cache import LatentCache
+from .compiled import CompiledSteps
 from .sampling import SamplingParams, _is_int, logprobs, make_generator, sample
 from .text import TextStream
 
 # Prefill groups may be padded up to this factor of their real token count.
 PAD_SLACK = 1.25
+# speculative="auto": MTP cache rows a request may fall behind in plain steps before catching up.
+CATCH_UP_ROWS = 256
 
 
 @dataclass
@@ -111,16 +122,20 @@ class Engine:
 
     max_batch_size: requests decoded together (cache rows); max_seq_len: prompt + new tokens of
     one request (cache length); tokenizer: a `nanoseek.data.Tokenizer`, needed for stop strings
-    and text deltas; speculative: None or "mtp" (the mode `step` uses; `generate`/`stream` set
-    their own); absorbed: decode attention path (False re-expands the cache: for testing);
-    prefill_chunk: tokens per prefill forward; compile: wrap the decode forward in torch.compile;
-    fp8_index_keys: (deepseek_v32) cache the indexer's keys in FP8 as the released model does, 4x
-    smaller than fp32 but no longer bit-equal to the uncached forward (off by default).
+    and text deltas; speculative: "auto" (default: speculate with the MTP modules while it is
+    faster; plain decoding for a checkpoint without them), "mtp" (always) or None (never) — the
+    mode `step` uses, which `generate`/`stream` may override; absorbed: decode attention path
+    (False re-expands the cache: for testing); prefill_chunk: tokens per prefill forward;
+    compile: True / False force torch.compile of the decode step on / off; None (default):
+    automatic (see the module docstring), and the environment variable NANOSEEK_COMPILE=1 / 0
+    sets that default to on / off; fp8_index_keys: (deepseek_v32) cache the indexer's keys in FP8
+    as the released model does, 4x smaller than fp32 but no longer bit-equal to the uncached
+    forward (off by default).
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, tokenizer=None,
-                 speculative: str | None = None, absorbed: bool = True, prefill_chunk: int = 2048,
-                 compile: bool = False, fp8_index_keys: bool = False):
+                 speculative: str | None = "auto", absorbed: bool = True, prefill_chunk: int = 2048,
+                 compile: bool | None = None, fp8_index_keys: bool = False):
         args = model.args
         if max_seq_len > args.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context "
@@ -145,18 +160,14 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self._next_id = 0
         self.speculative: str | None = None
+        self.auto = spec.AutoSpeculation()
         self.set_speculative(speculative)
         # Decode and verify forwards (and the MTP drafts) are the per-step hot path; prefill is not.
-        self._compiled_forward = self._compiled_mtp_step = None
-        if compile:
-            # The engine never swaps the model's modules (weights change only in place), so Dynamo
-            # need not re-check every module attribute on each call: that halves the per-call guard
-            # cost, a visible share of a ~1 ms step.
-            # cpp_wrapper: the compiled graph's driver is C++ rather than generated Python, which
-            # measured ~25% off a tiny-preset decode step (1.29 -> 1.01 ms at prompt 4096).
-            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True}
-            self._compiled_forward = torch.compile(self._forward_eager, dynamic=True, options=options)
-            self._compiled_mtp_step = torch.compile(model.mtp_step, dynamic=True, options=options)
+        if compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
+            compile = os.environ["NANOSEEK_COMPILE"] == "1"
+        mode = {True: "on", False: "off", None: "auto"}[compile]
+        self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step},
+                                   model, mode, self.device)
         self.reset_stats()
 
     # --- public state ------------------------------------------------------------------------
@@ -192,17 +203,23 @@ class Engine:
         if s["drafted"]:
             s["acceptance_rate"] = s["accepted"] / s["drafted"]
         s["cache_bytes_per_token"] = self.cache_bytes_per_token
+        s["compiled"] = self.steps.active
+        if self.speculative == "auto":
+            s["speculative_auto"] = self.auto.summary()
         return s
 
     def set_speculative(self, mode: str | None) -> None:
-        """None (plain decoding) or "mtp" (draft with the MTP modules). Only while idle."""
-        if mode not in (None, "mtp"):
-            raise ValueError(f"speculative must be None or 'mtp', got {mode!r}")
+        """None (plain decoding), "mtp" (draft with the MTP modules at every step) or "auto" (only
+        while faster; plain for a checkpoint without MTP modules). Only while idle."""
+        if mode not in (None, "mtp", "auto"):
+            raise ValueError(f"speculative must be None, 'mtp' or 'auto', got {mode!r}")
+        if mode == "auto" and not self.depth:
+            mode = None
         if mode == self.speculative:
             return
         if self.num_active:
             raise RuntimeError("cannot change speculative decoding while requests are active")
-        if mode == "mtp":
+        if mode is not None:
             if not self.depth:
                 raise ValueError("speculative='mtp' needs a checkpoint with MTP modules (num_nextn_predict_layers > 0)")
             if self.mtp_cache is None:
@@ -211,14 +228,18 @@ class Engine:
         self.speculative = mode
 
     def warmup(self) -> None:
-        """Compile the decode step now rather than during the first requests (compile=True; a no-op
-        otherwise): a few tokens at batch 1 and at batch 2, since torch.compile specialises batch 1
-        and serves every larger batch with one dynamic-size graph. In the engine's speculative mode."""
-        if self._compiled_forward is None:
+        """Compile the decode step now rather than during the first requests (unless compile=False
+        or compiling cannot work here): a few tokens at batch 1 and at batch 2, since torch.compile
+        specialises batch 1 and serves every larger batch with one dynamic-size graph; in plain and
+        speculative mode when the engine's mode is "auto". With a warm disk cache this loads the
+        compiled artefacts rather than compiling them."""
+        if not self.steps.enable():
             return
         length = min(4, self.max_seq_len // 2)  # prompt and new tokens both fit any max_seq_len >= 2
-        for n in sorted({1, min(2, self.max_batch_size)}):
-            self.generate([[0] * length] * n, max_new_tokens=length, ignore_eos=True, speculative=self.speculative)
+        modes = [None, "mtp"] if self.speculative == "auto" else [self.speculative]
+        for mode in modes:
+            for n in sorted({1, min(2, self.max_batch_size)}):
+                self.generate([[0] * length] * n, max_new_tokens=length, ignore_eos=True, speculative=mode)
 
     # --- continuous batching ---------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
@@ -289,12 +310,20 @@ class Engine:
         their slots, so the engine stays usable; step() itself does not raise for it."""
         events: list[StepEvent] = []
         if self.running:
+            n = len(self.running)
+            self.steps.just_compiled = False
             t0 = time.perf_counter()
             try:
-                new = self._decode_speculative() if self.speculative else self._decode()
+                speculate = self._speculate_now()
+                new = self._decode_speculative() if speculate else self._decode()
             except Exception as e:
-                new = self._fail(self.running, e)
-            self._stats["decode_s"] += time.perf_counter() - t0
+                speculate, new = False, self._fail(self.running, e)
+            seconds = time.perf_counter() - t0
+            if self.speculative == "auto" and not self.steps.just_compiled:
+                self.auto.record(n, speculate, seconds, len(new) / n)
+            if not self.steps.active and self.steps.after_eager_step(seconds):
+                self.auto = spec.AutoSpeculation()  # compiled steps cost differently: measure again
+            self._stats["decode_s"] += seconds
             self._stats["decode_tokens"] += len(new)
             self._stats["decode_steps"] += 1
             self._stats["row_steps"] += len(self.running)
@@ -315,11 +344,12 @@ class Engine:
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
                  stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
-                 ignore_eos: bool = False, speculative: str | None = None) -> list[list[int]]:
+                 ignore_eos: bool = False, speculative: str | None = "engine") -> list[list[int]]:
         """Complete every prompt; returns the new ids of each (a stop token, when hit, is included).
 
         Any number of prompts: they join as slots free up. Prompt i is seeded with seed + i (seed
-        None: from torch's global RNG). Needs an idle engine; stats are reset.
+        None: from torch's global RNG). speculative: "engine" (default: the engine's mode), None,
+        "mtp" or "auto" for this call. Needs an idle engine; stats are reset.
         """
         params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                  min_p=min_p, seed=None if seed is None else seed + i, stop=list(stop or []),
@@ -330,7 +360,7 @@ class Engine:
             outs[index].append(ev.token_id)
         return outs
 
-    def stream(self, prompt: list[int], params: SamplingParams | None = None, speculative: str | None = None,
+    def stream(self, prompt: list[int], params: SamplingParams | None = None, speculative: str | None = "engine",
                **kwargs) -> Iterator[StepEvent]:
         """Yield the StepEvents of one prompt as they are produced. `params` or SamplingParams fields
         as keywords. Stopping the iteration early cancels the request."""
@@ -343,7 +373,7 @@ class Engine:
             raise RuntimeError("generate/stream need an idle engine; drive add_request/step yourself to share it")
         prompts = [self._check(p, sp) for p, sp in zip(prompts, params)]  # fail before anything runs
         previous = self.speculative
-        self.set_speculative(speculative)
+        self.set_speculative(previous if speculative == "engine" else speculative)
         self.reset_stats()
         queue = deque(enumerate(zip(prompts, params)))
         index: dict[int, int] = {}
@@ -372,7 +402,7 @@ class Engine:
         """Use the compiled graph for a forward over `tokens` tokens? Only while the MoE layers take
         their gathered-experts path (tokens × experts per token <= routed experts): beyond that, fp32
         F.grouped_mm breaks the graph on CPU and the broken graph measured slower than eager."""
-        return self._compiled_forward is not None and (
+        return self.steps.active and (
             tokens * self.args.num_experts_per_tok <= self.args.n_routed_experts or self.dtype == torch.bfloat16)
 
     def _kv_len(self, compiled: bool, needed: int) -> int:
@@ -383,15 +413,50 @@ class Engine:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, needed: int):
         """The decode/verify forward over cache rows 0..n-1, compiled or eager; `needed`: rows in use."""
         compiled = self._compiled(ids.numel())
-        run = self._compiled_forward if compiled else self._forward_eager
-        return run(ids, positions, self.cache.rows(0, ids.shape[0]), self._kv_len(compiled, needed))
+        return self.steps.call("decode step", compiled, ids, positions, self.cache.rows(0, ids.shape[0]),
+                               self._kv_len(compiled, needed))
+
+    def _mtp_step(self, compiled: bool):
+        return lambda *args, **kwargs: self.steps.call("MTP draft step", compiled, *args, **kwargs)
 
     def _decode(self) -> list[StepEvent]:
         reqs = self.running
         ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
         positions = torch.tensor([[r.pos] for r in reqs], device=self.device)
-        logits, _ = self._forward(ids, positions, max(r.pos for r in reqs) + 1)
+        logits, hidden = self._forward(ids, positions, max(r.pos for r in reqs) + 1)
+        if self.speculative == "auto":  # keep what a later switch to speculation needs
+            for row, r in enumerate(reqs):
+                if r.hidden is not None:
+                    r.hidden = torch.cat([r.hidden, hidden[row, -1:]])
+                    if len(r.hidden) > CATCH_UP_ROWS:
+                        self._catch_up(row, r)
         return self._sample_and_append(reqs, logits[:, -1])
+
+    def _speculate_now(self) -> bool:
+        """This step's mode: always / never for "mtp" / None; for "auto", the policy's choice for
+        this batch size, when every running request has its MTP state and none samples with a seed."""
+        if self.speculative != "auto":
+            return self.speculative == "mtp"
+        reqs = self.running
+        if any(r.hidden is None or (r.params.seed is not None and not r.params.greedy) for r in reqs):
+            return False
+        if not self.auto.choose(len(reqs)):
+            return False
+        for row, r in enumerate(reqs):
+            self._catch_up(row, r)
+        return True
+
+    def _catch_up(self, row: int, req: Request) -> None:
+        """Write the MTP cache rows plain steps skipped; req.hidden keeps the D+1 newest states.
+        req.hidden [k, hidden] holds the main hidden states at positions pos-k .. pos-1 (clamped at 0)."""
+        extra = len(req.hidden) - (self.depth + 1)
+        if extra <= 0:
+            return
+        positions = (torch.arange(req.pos - len(req.hidden), req.pos - self.depth - 1, device=self.device)
+                     .clamp(min=0)[None])
+        spec.catch_up(self.model.mtp_step, req.hidden[None, :extra], positions, req.token_at,
+                      self.mtp_cache.rows(row, row + 1), kv_len=req.pos)
+        req.hidden = req.hidden[extra:]
 
     def _decode_speculative(self) -> list[StepEvent]:
         """Draft D tokens per request with the MTP modules, verify them in one main forward."""
@@ -404,7 +469,7 @@ class Engine:
         hidden = torch.stack([r.hidden for r in reqs])
         compiled = self._compiled(positions.numel())
         most = max(r.pos for r in reqs)
-        drafts, qs = spec.draft(self._compiled_mtp_step if compiled else self.model.mtp_step, hidden, tokens,
+        drafts, qs = spec.draft(self._mtp_step(compiled), hidden, tokens,
                                 positions, newest, self.mtp_cache.rows(0, n), reqs,
                                 kv_len=self._kv_len(compiled, most))
         verify_ids = tokens[:, W:]  # newest token, then the drafts
@@ -480,8 +545,10 @@ class Engine:
             ids[b, : lens[b]] = torch.tensor(r.prompt)
         ids = ids.to(self.device)
         cache = self.cache.rows(row, row + g)
-        mtp_cache = self.mtp_cache.rows(row, row + g) if self.speculative else None
-        if self.speculative:  # the draft window of the first step: positions L_b-D-1 .. L_b-1
+        # MTP state for speculation ("auto" skips it once speculation has lost at every batch size)
+        mtp = self.speculative == "mtp" or (self.speculative == "auto" and self.auto.wants_mtp)
+        mtp_cache = self.mtp_cache.rows(row, row + g) if mtp else None
+        if mtp:  # the draft window of the first step: positions L_b-D-1 .. L_b-1
             want = spec.window(torch.tensor(lens), D).tolist()
             kept = [[None] * (D + 1) for _ in group]
         last = [None] * g
@@ -496,13 +563,13 @@ class Engine:
             for b, n in enumerate(lens):
                 if s <= n - 1 < e:
                     last[b] = out.hidden[b, n - 1 - s]
-            if self.speculative:
+            if mtp:
                 spec.prefill_mtp(self.model, out.hidden, ids, s, mtp_cache)
                 for b in range(g):
                     for j, p in enumerate(want[b]):
                         if s <= p < e:
                             kept[b][j] = out.hidden[b, p - s]
-        if self.speculative:
+        if mtp:
             for b, r in enumerate(group):
                 r.hidden = torch.stack(kept[b])
         return self.model.lm_head(torch.stack(last))

@@ -22,6 +22,8 @@ main model's hidden states at those D + 1 positions, which each request carries 
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from .sampling import draw, probabilities
@@ -70,7 +72,7 @@ def draft(mtp_step, prev: torch.Tensor, tokens: torch.Tensor, positions: torch.T
     qs: list[torch.Tensor | None] = []
     for k in range(1, D + 1):
         next_ids = tokens.gather(1, positions + k - offset)
-        logits, prev = mtp_step(k, prev, next_ids, positions, mtp_cache[k - 1], kv_len=kv_len)
+        logits, prev = mtp_step(k, prev, next_ids, positions, mtp_cache[k - 1], kv_len=kv_len, last=1)
         logits = logits[:, -1]
         d = logits.argmax(dim=-1)
         q = None
@@ -131,3 +133,97 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, qs: list[torch.Tensor | N
 
 def _u(generator: torch.Generator, device) -> torch.Tensor:
     return torch.rand(1, generator=generator, dtype=torch.float64).to(device)
+
+
+def catch_up(mtp_step, hidden: torch.Tensor, positions: torch.Tensor, token_at, mtp_cache: list, kv_len: int) -> None:
+    """Write the MTP cache rows of one request that plain decoding skipped.
+
+    hidden [1, T, hidden]: the main model's hidden states at `positions` [1, T]; token_at(p): the
+    request's token at position p; mtp_cache: that request's row of each depth's cache ([1, S, .]).
+    Depth k at position p reads depth k-1's state there and the token at p + k.
+    """
+    prev = hidden
+    for k in range(1, len(mtp_cache) + 1):
+        next_ids = torch.tensor([[token_at(p + k) for p in positions[0].tolist()]], device=hidden.device)
+        _, prev = mtp_step(k, prev, next_ids, positions, mtp_cache[k - 1], kv_len=kv_len, last=0)
+
+
+class AutoSpeculation:
+    """speculative="auto": speculate only while it is faster, judged per batch size.
+
+    Per bucket of batch sizes (1, 2, 3-4, 5-8, ...) it keeps the last few step times of plain and
+    speculative decoding and the tokens per request a speculative step yields, and picks the mode
+    with more tokens per second: speculative iff tokens_per_step / t_spec > (1 + MARGIN) / t_plain.
+    A new bucket is measured PROBE steps plain, then PROBE steps speculative. After that the
+    losing mode is re-measured for PROBE steps after `interval` steps, the interval doubling
+    (from REPROBE up to 16x) while the verdict holds, since acceptance drifts with the text and
+    the step costs with the context length. Medians keep one slow step (another process, a page
+    fault) from deciding.
+    """
+
+    PROBE, REPROBE, MARGIN = 4, 128, 0.02
+
+    def __init__(self):
+        self.buckets: dict[int, dict] = {}
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return 1 << (n - 1).bit_length()
+
+    def _get(self, n: int) -> dict:
+        return self.buckets.setdefault(self.bucket(n), dict(plain=deque(maxlen=8), spec=deque(maxlen=8),
+                                                            tokens=deque(maxlen=32), since=0,
+                                                            interval=self.REPROBE, probing=0, on=None))
+
+    @staticmethod
+    def _median(values) -> float:
+        return sorted(values)[len(values) // 2]
+
+    def speedup(self, n: int) -> float | None:
+        """Measured speculative / plain tokens per second at batch size n (None: not measured yet)."""
+        b = self._get(n)
+        if not b["plain"] or not b["spec"] or not b["tokens"]:
+            return None
+        return sum(b["tokens"]) / len(b["tokens"]) * self._median(b["plain"]) / self._median(b["spec"])
+
+    def choose(self, n: int) -> bool:
+        """Speculate in this step at batch size n?"""
+        b = self._get(n)
+        if len(b["plain"]) < self.PROBE:
+            return False
+        if len(b["spec"]) < self.PROBE:
+            return True
+        on = self.speedup(n) > 1 + self.MARGIN
+        if b["on"] is not None and on != b["on"]:
+            b["interval"] = self.REPROBE  # the verdict changed: look again soon
+        b["on"] = on
+        if b["probing"]:
+            b["probing"] -= 1
+            return not on
+        b["since"] += 1
+        if b["since"] >= b["interval"]:
+            b["since"], b["probing"] = 0, self.PROBE
+            b["interval"] = min(2 * b["interval"], 16 * self.REPROBE)
+        return on
+
+    def record(self, n: int, speculative: bool, seconds: float, tokens_per_row: float) -> None:
+        b = self._get(n)
+        b["spec" if speculative else "plain"].append(seconds)
+        if speculative:
+            b["tokens"].append(tokens_per_row)
+
+    @property
+    def wants_mtp(self) -> bool:
+        """False once every batch size measured has found speculation slower: new requests then skip
+        the MTP prefill, and decoding stays plain."""
+        return not self.buckets or any(b["on"] is not False for b in self.buckets.values())
+
+    def summary(self) -> dict:
+        """{bucket: {"speculating", "speedup", "plain_ms", "speculative_ms", "tokens_per_step"}}."""
+        out = {}
+        for size, b in sorted(self.buckets.items()):
+            med = lambda q: round(1e3 * self._median(q), 3) if q else None  # noqa: E731
+            out[size] = dict(speculating=b["on"], speedup=self.speedup(size), plain_ms=med(b["plain"]),
+                             speculative_ms=med(b["spec"]),
+                             tokens_per_step=sum(b["tokens"]) / len(b["tokens"]) if b["tokens"] else None)
+        return out

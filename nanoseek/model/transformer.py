@@ -180,17 +180,22 @@ class Transformer(nn.Module):
         return out
 
     def mtp_step(self, k: int, prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                 cache: LayerCache, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache: LayerCache, kv_len: int | None = None, last: int | None = None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One cached MTP depth for speculative decoding.
 
         prev [B, T, hidden] (main normed hidden for k=1), next_ids [B, T] tokens t_{i+k},
         positions [B, T] of the hidden states, cache: that MTP layer's LayerCache.
-        Returns (logits [B, T, V] for t_{i+k+1}, block output [B, T, hidden] for depth k+1).
+        Returns (logits [B, last, V] for t_{i+k+1} at the last `last` positions (all T if None; 0:
+        no logits, None returned), block output [B, T, hidden] for depth k+1). A draft needs the
+        logits of the newest position only: the output head is the step's largest matmul.
         """
         module = self.mtp[k - 1]
         cos, sin = self.rope(positions)
         h, _ = module(prev, self.embed_tokens(next_ids), cos, sin, cache, positions, kv_len)
-        return self.lm_head(module.shared_head.norm(h)), h
+        if last == 0:
+            return None, h
+        return self.lm_head(module.shared_head.norm(h if last is None else h[:, -last:])), h
 
     def num_params(self, active: bool = False) -> int:
         """Parameters of the main model (MTP excluded); active=True counts only the routed experts

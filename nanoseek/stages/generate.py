@@ -58,9 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="format prompts with the tokenizer's chat template (default on)")
     p.add_argument("--think", action="store_true", help="open the reply with <think> (R1 style)")
-    p.add_argument("--speculative", choices=["mtp"], default=None, help="MTP speculative decoding")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (faster per token, tens of seconds to compile)")
+    p.add_argument("--speculative", choices=["auto", "mtp", "off"], default="auto",
+                   help="MTP speculative decoding: auto (default: while it is faster; off without MTP "
+                        "modules), mtp (always) or off")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step: --compile compiles at start (seconds from the disk "
+                        "cache, tens of seconds cold), --no-compile never; default: once the job has run "
+                        "eagerly for as long as compiling is known to take")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (--input-file)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cache length per request (default: what the prompts need, or "
@@ -115,7 +119,7 @@ def load(a):
     if tokenizer.vocab_size > model.args.vocab_size:
         raise GenerateError(f"the tokenizer in {tok_dir} has {tokenizer.vocab_size} ids but the model's "
                             f"vocab_size is {model.args.vocab_size}")
-    if a.speculative and not len(model.mtp):
+    if a.speculative == "mtp" and not len(model.mtp):
         raise GenerateError(f"--speculative mtp needs MTP modules; {a.model} has none (num_nextn_predict_layers=0)")
     return model, tokenizer
 
@@ -155,13 +159,14 @@ def report(engine) -> None:
             f"{s['prefill_tokens_per_s']:.0f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s")
     if "acceptance_rate" in s:
         line += f", MTP acceptance {s['acceptance_rate']:.0%}"
+    line += ", compiled" if s["compiled"] else ", eager"
     print(line + "]", file=sys.stderr)
 
 
 def make_engine(a, model, tokenizer, batch: int, max_seq_len: int) -> Engine:
     try:
         engine = Engine(model, max_batch_size=batch, max_seq_len=max_seq_len, tokenizer=tokenizer,
-                        speculative=a.speculative, compile=a.compile)
+                        speculative=None if a.speculative == "off" else a.speculative, compile=a.compile)
     except ValueError as e:
         raise GenerateError(str(e)) from None
     if a.compile:  # compile before the real work, so the decode speed reported is the compiled one
@@ -175,7 +180,7 @@ def one_prompt(a, model, tokenizer) -> int:
     ids = encode(a, tokenizer, a.prompt)
     n_new = fit(a, len(ids), context, "the prompt")
     engine = make_engine(a, model, tokenizer, 1, len(ids) + n_new)
-    for ev in engine.stream(ids, params(a, n_new), speculative=a.speculative):
+    for ev in engine.stream(ids, params(a, n_new)):
         print(ev.text, end="", flush=True)
     print()
     report(engine)
@@ -270,7 +275,7 @@ def interactive(a, model, tokenizer) -> int:
             continue
         n_new = min(a.max_new_tokens, max_seq_len - len(ids))
         reply = ""
-        for ev in engine.stream(ids, params(a, n_new, turn), speculative=a.speculative):
+        for ev in engine.stream(ids, params(a, n_new, turn)):
             print(ev.text, end="", flush=True)
             reply += ev.text
         print()

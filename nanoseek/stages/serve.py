@@ -2,7 +2,7 @@
 
     nanoseek serve --model runs/tiny/model [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                    [--max-batch-size 16] [--max-queue 128] [--max-model-len 4096]
-                   [--reasoning-parser deepseek-r1] [--served-model-name NAME] [--threads N] [--compile]
+                   [--reasoning-parser deepseek-r1] [--served-model-name NAME] [--threads N] [--no-compile] [--speculative auto|mtp|off]
 
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
@@ -66,8 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads on CPU (default: torch's, one per core); 1 is "
                         "fastest for tiny models and on a busy machine")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (compiled at start-up, 5-20 s; faster per token "
+    p.add_argument("--speculative", choices=["auto", "mtp", "off"], default="auto",
+                   help="MTP speculative decoding: auto (default: per batch size, while it is faster; off "
+                        "without MTP modules), mtp (always) or off")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (default on: compiled at start-up, seconds from "
+                        "the disk cache, tens of seconds cold; faster per token "
                         "while batch x experts per token <= routed experts)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
@@ -102,8 +106,9 @@ def load(a: argparse.Namespace, state: ServerState) -> None:
                          f"vocabulary only {model.args.vocab_size}")
     max_len = min(a.max_model_len, model.args.max_position_embeddings)
     engine = Engine(model, max_batch_size=a.max_batch_size, max_seq_len=max_len,
-                    tokenizer=tokenizer, compile=a.compile)
-    engine.warmup()  # with --compile: compile now, not during the first requests
+                    tokenizer=tokenizer, compile=a.compile,
+                    speculative=None if a.speculative == "off" else a.speculative)
+    engine.warmup()  # compile now (unless --no-compile), not during the first requests
     state.start(engine, tokenizer)
     log.info("model %s ready in %.1fs: %d slots, context %d tokens", state.model_name,
              time.perf_counter() - t0, a.max_batch_size, max_len)

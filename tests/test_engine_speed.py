@@ -1,0 +1,212 @@
+"""The engine's defaults: compiled decoding chosen by itself (and its on-disk cache shared by
+processes), eager fallback when compiling cannot work, and speculative="auto" that keeps MTP
+speculation only while it is faster. Eager stays the reference: every mode must give its tokens.
+
+Compiling is the expensive part on 2 cores, so the compile tests share one 1-layer, batch-1 shape
+and one inductor cache directory: the first process compiles it cold, everything after loads it."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.inference import Engine
+from nanoseek.inference.compiled import CompileRecord
+from nanoseek.model import Transformer, preset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = [3, 17, 99, 5, 8]
+
+# One process: compile (or load) the shared shape's decode step and report what inductor did.
+SCRIPT = """
+import json, torch
+from torch._dynamo.utils import counters
+from nanoseek.inference import Engine
+from nanoseek.model import Transformer, preset
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = Transformer(preset("tiny", **json.loads({shape!r})))
+engine = Engine(model, max_batch_size=1, max_seq_len=24)
+engine.warmup()
+out = engine.generate([{prompt!r}], max_new_tokens=6, ignore_eos=True)
+print(json.dumps(dict(out=out, compiled=engine.stats["compiled"], **{{k: dict(v) for k, v in counters.items()
+                      if k in ("inductor", "aot_autograd")}})))
+"""
+SHAPE = dict(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0, vocab_size=256,
+             max_position_embeddings=64)
+
+
+def compiled_shape() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", **SHAPE)).eval()
+
+
+@pytest.fixture(scope="module")
+def inductor_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("inductor")
+
+
+def run_process(inductor_dir) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
+    env.pop("NANOSEEK_COMPILE", None)  # the default, as a user gets it
+    code = SCRIPT.format(shape=json.dumps(SHAPE), prompt=PROMPT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_disk_cache_is_reused_by_a_second_process(inductor_dir):
+    """The second process's warm-up loads every compiled graph from the disk cache: no FX-graph or
+    AOTAutograd cache miss, so neither inductor nor the C++ compiler runs again."""
+    first = run_process(inductor_dir)
+    assert first["compiled"] and first["inductor"].get("fxgraph_cache_miss", 0) >= 1
+    second = run_process(inductor_dir)
+    assert second["compiled"] and second["out"] == first["out"]
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1
+    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0
+    assert second["aot_autograd"].get("autograd_cache_miss", 0) == 0
+
+
+def test_default_engine_compiles_and_gives_the_eager_tokens(inductor_dir, monkeypatch):
+    """Engine(model) with every default compiles (at warm-up, or by itself once compiling is known
+    to be cheap: a warm cache) and decodes exactly the eager tokens."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    monkeypatch.delenv("NANOSEEK_COMPILE", raising=False)
+    model = compiled_shape()
+    want = Engine(model, max_batch_size=1, max_seq_len=24, compile=False).generate(
+        [PROMPT], max_new_tokens=6, ignore_eos=True)
+    with temporary_cache_dir(str(inductor_dir)):
+        engine = Engine(model, max_batch_size=1, max_seq_len=24)
+        assert not engine.stats["compiled"]  # automatic: eager until compiling pays
+        engine.warmup()
+        assert engine.stats["compiled"]
+        assert engine.generate([PROMPT], max_new_tokens=6, ignore_eos=True) == want
+        # this shape's compile time is on record (a warm cache); at price 0 the automatic mode
+        # compiles after its first eager step
+        CompileRecord(model).save(0.0)
+        auto = Engine(model, max_batch_size=1, max_seq_len=24)
+        assert auto.generate([PROMPT], max_new_tokens=6, ignore_eos=True) == want
+        assert auto.stats["compiled"]
+
+
+def test_compiling_that_cannot_work_falls_back_to_eager(monkeypatch, caplog):
+    """No C++ compiler, or an error while compiling: one logged line, eager tokens, never a failure."""
+    from torch._inductor import compile_fx, config
+
+    model = compiled_shape()
+    want = Engine(model, max_batch_size=1, max_seq_len=24, compile=False).generate(
+        [PROMPT], max_new_tokens=4, ignore_eos=True)
+    with config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), caplog.at_level(logging.WARNING, logger="nanoseek"):
+        engine = Engine(model, max_batch_size=1, max_seq_len=24, compile=True)
+        assert engine.generate([PROMPT], max_new_tokens=4, ignore_eos=True) == want
+    assert not engine.stats["compiled"]
+    assert [r.getMessage() for r in caplog.records if "no C++ compiler" in r.getMessage()]
+    caplog.clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compiler crash")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="nanoseek"):
+        engine = Engine(model, max_batch_size=1, max_seq_len=24, compile=True)
+        assert engine.generate([PROMPT], max_new_tokens=4, ignore_eos=True) == want
+        assert engine.generate([PROMPT], max_new_tokens=4, ignore_eos=True) == want
+    assert not engine.stats["compiled"]
+    lines = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(lines) == 1 and "running it eagerly" in lines[0]
+    torch._dynamo.reset()
+
+
+# --- speculative="auto" ----------------------------------------------------------------------------
+def predictable(V: int = 48) -> Transformer:
+    """A 4-layer model trained for a few seconds on the trivially predictable sequence t+1 mod V,
+    main head and MTP head alike: its MTP module drafts the next-but-one token almost always."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=V, num_hidden_layers=4, max_position_embeddings=160))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        ids = (torch.randint(0, V, (4, 1)) + torch.arange(33)) % V
+        out = model.run(ids[:, :-1], mtp=True)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss = loss + F.cross_entropy(out.mtp_logits[0].flatten(0, 1), ids[:, 2:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_auto_speculation_steps_aside_for_a_random_head_and_keeps_a_good_one():
+    """The default mode of an MTP checkpoint is "auto"; greedy output is plain greedy output in every
+    mode. A random MTP head (acceptance ~0) makes speculation slower, so auto turns it off; a head that
+    drafts well (a model trained on t+1 mod V: 2 tokens per step) makes it faster, so auto keeps it."""
+    torch.manual_seed(1)
+    random_head = Transformer(preset("tiny", num_hidden_layers=2, max_position_embeddings=160)).eval()
+    engine = Engine(random_head, max_batch_size=2, max_seq_len=120, compile=False)
+    assert engine.speculative == "auto"
+    plain = engine.generate([PROMPT], max_new_tokens=60, ignore_eos=True, speculative=None)
+    assert engine.generate([PROMPT], max_new_tokens=60, ignore_eos=True) == plain
+    verdict = engine.stats["speculative_auto"][1]
+    assert verdict["speculating"] is False and verdict["tokens_per_step"] < 1.5, verdict
+    # once speculation lost at every batch size measured, new requests skip the MTP prefill
+    assert not engine.auto.wants_mtp
+
+    good = predictable()
+    engine = Engine(good, max_batch_size=2, max_seq_len=150, compile=False)
+    prompt = list(range(10, 20))
+    plain = engine.generate([prompt], max_new_tokens=100, ignore_eos=True, speculative=None)
+    assert plain[0][:5] == [20, 21, 22, 23, 24]  # it did learn the sequence
+    assert engine.generate([prompt], max_new_tokens=100, ignore_eos=True) == plain
+    stats = engine.stats
+    verdict = stats["speculative_auto"][1]
+    assert verdict["speculating"] is True and verdict["tokens_per_step"] > 1.8, verdict
+    assert stats["tokens_per_row_step"] > 1.5
+    # sampled requests with a seed stay on plain decoding, so a seed reproduces whatever the timings
+    a = engine.generate([prompt], max_new_tokens=20, temperature=1.0, seed=3)
+    assert engine.stats["tokens_per_row_step"] == 1.0
+    assert engine.generate([prompt], max_new_tokens=20, temperature=1.0, seed=3, speculative=None) == a
+
+
+def test_auto_speculation_catches_up_after_plain_steps(monkeypatch):
+    """Switching from plain to speculative decoding mid-request first writes the MTP cache rows the
+    plain steps skipped: with forced switches every few steps, every draft still equals the argmax
+    of the uncached MTP forward over the committed tokens, and the tokens are plain greedy's."""
+    from nanoseek.inference import speculative as spec
+
+    torch.manual_seed(2)
+    model = Transformer(preset("tiny", num_hidden_layers=2, num_nextn_predict_layers=2,
+                               max_position_embeddings=96)).eval()
+    prompts = [list(range(10, 20)), [5, 9, 13]]
+    engine = Engine(model, max_batch_size=2, max_seq_len=60, compile=False)
+    plain = engine.generate(prompts, max_new_tokens=30, ignore_eos=True, speculative=None)
+
+    class Alternating(spec.AutoSpeculation):
+        calls = 0
+
+        def choose(self, n):
+            self.calls += 1
+            return (self.calls // 4) % 2 == 1  # 4 plain steps, 4 speculative, ...
+
+    checked, real_draft = [], spec.draft
+
+    def checking_draft(mtp_step, prev, tokens, positions, newest, mtp_cache, reqs, **kw):
+        drafts, qs = real_draft(mtp_step, prev, tokens, positions, newest, mtp_cache, reqs, **kw)
+        for req, d in zip(reqs, drafts.tolist()):
+            seq = req.prompt + req.tokens
+            for k in (1, 2):
+                out = model.run(torch.tensor([seq + d[: k - 1]]), mtp=True)
+                assert int(out.mtp_logits[k - 1][0, len(seq) - 2].argmax()) == d[k - 1]
+                checked.append(k)
+        return drafts, qs
+
+    monkeypatch.setattr(spec, "draft", checking_draft)
+    engine.auto = Alternating()
+    assert engine.generate(prompts, max_new_tokens=30, ignore_eos=True) == plain
+    assert len(checked) > 20 and engine.stats["drafted"] > 0
