@@ -28,9 +28,12 @@ Design choices:
   fp32 master weights, fp32 losses and an fp32 balancing bias.
 - A step whose loss or gradient norm is not finite is skipped (no update, no bias move) and
   counted; --max-nonfinite in a row stop the run without saving, so the last good checkpoint stays.
-- --resume restores the saved run's settings (schedule, batch, balancing, seed) from
-  trainer_state; only flags that cannot change the numbers (device, eval/save cadence, time limit)
-  are taken from the command line. On CPU the resumed loss sequence is bitwise identical.
+- --resume restores the saved run's settings (schedule, batch, balancing, seed, cadences, retention)
+  from trainer_state; a flag typed with --resume is honoured only when it cannot change the numbers
+  (device, cadences, retention, time limits), and is an error otherwise. On CPU the resumed loss
+  sequence is bitwise identical.
+- One process per run directory (a lock on OUT/.lock); Ctrl-C / SIGTERM finish the step, save it
+  and exit 130 / 143 (nanoseek/train/run.py).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from tqdm import tqdm
 from nanoseek.checkpoint import CheckpointError
 from nanoseek.cli import float_in, int_in
 from nanoseek.data import BatchLoader, DataError, Tokenizer, TokenShards, eval_batches
+from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
 from nanoseek.model.args import parse_overrides
 from nanoseek.model.layers import MLP
@@ -59,7 +63,7 @@ from nanoseek.train.balance import max_vio, update_bias
 from nanoseek.train.loss import evaluate, training_loss
 from nanoseek.train.metrics import JsonlLog, flops_per_token, measure_peak_flops, read_jsonl
 from nanoseek.train.report import plot_run, write_report
-from nanoseek.train.run import RunError, Interrupts, claim_run_dir, explicit_flags, resume_args
+from nanoseek.train.run import Interrupts, RunError, claim_run_dir, explicit_flags, resume_args
 from nanoseek.train.sample import sample
 from nanoseek.train.schedule import Schedule
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
@@ -205,7 +209,10 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         raise RunError("nothing to resume and no budget given (--tokens, --steps or --max-minutes)")
 
     # --- device and precision ------------------------------------------------------------------
-    device = pick_device(a.device)
+    try:
+        device = resolve_device(a.device)
+    except DeviceError as e:
+        raise RunError(f"--device {e}") from None
     bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
     amp = autocast or contextlib.nullcontext
@@ -461,18 +468,6 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
           f"bits/byte {fmt_bpb(first['val_bpb'], '')} -> {fmt_bpb(final['val_bpb'], '')}; "
           f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}; report: {report}")
     return 0
-
-
-def pick_device(flag: str) -> torch.device:
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise RunError(f"--device {flag!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {flag}: CUDA is not available on this machine (use --device cpu)")
-    return device
 
 
 def budget_from_minutes(a, model, seq_len, device, amp, t_start) -> int:
