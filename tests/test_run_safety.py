@@ -250,3 +250,16 @@ def test_seq_len_beyond_the_model_positions_is_refused(data, tmp_path, capsys):
     """Bug: training past max_position_embeddings silently used positions the model never defined."""
     assert train(data, tmp_path / "run", "--steps", "2", "--set", "max_position_embeddings=16") == 2
     assert "exceeds the model's max_position_embeddings 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damaged", ["meta.json", "tokenizer/tokenizer_config.json"])
+def test_invalid_json_in_dataset_files_names_the_file(data, tmp_path, capsys, damaged):
+    """Bug: a damaged meta.json / tokenizer_config.json gave a bare JSONDecodeError message with no file."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    (copy / damaged).write_text('{"seq_len": 3')
+    assert train(copy, tmp_path / "run", "--steps", "1") == 2
+    err = capsys.readouterr().err
+    assert f"{copy / damaged}: not valid JSON" in err and err.count("\n") == 1

@@ -183,7 +183,12 @@ class TokenShards:
             self.tokens = np.memmap(self.path, dtype=dtype, mode="r", offset=HEADER.size,
                                     shape=(self.num_tokens,))
         meta_path = self.path.parent / "meta.json"
-        self.meta = json.loads(meta_path.read_text("utf-8")) if meta_path.is_file() else None
+        try:
+            self.meta = json.loads(meta_path.read_text("utf-8")) if meta_path.is_file() else None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{meta_path}: not valid JSON ({e}); re-run nanoseek prepare for this dataset") from None
+        if self.meta is not None and not isinstance(self.meta, dict):
+            raise DataError(f"{meta_path}: not a JSON object; re-run nanoseek prepare for this dataset")
         self.bytes_per_token = None
         info = self._split_info()
         if info is not None:

@@ -169,7 +169,12 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises a bare Exception on bad JSON
             raise DataError(f"cannot load {path / 'tokenizer.json'}: {e}") from None
         config_path = path / "tokenizer_config.json"
-        config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise DataError(f"{config_path}: not a JSON object")
         return cls(tk, config, name=name or str(path))
 
     @property
