@@ -36,6 +36,7 @@ BENCHES = {
     "decode": "nanoseek.bench.decode",
     "serve": "nanoseek.bench.serve",
     "balance": "nanoseek.bench.balance",
+    "dsa": "nanoseek.bench.dsa",
 }
 
 

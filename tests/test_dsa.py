@@ -302,3 +302,18 @@ def test_eval_passkey_cli(tmp_path, capsys):
     assert "passkey @ 200 tokens" in capsys.readouterr().out
     assert eval_stage.main(["--model", str(tmp_path / "m"), "--task", "passkey", "--context", "512"]) == 2
     assert "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_bench_dsa_smoke(tmp_path, capsys):
+    """`nanoseek bench dsa` end to end at small sizes (figures are produced, not checked)."""
+    pytest.importorskip("transformers")
+    from nanoseek.bench import dsa
+
+    out = tmp_path / "rows.jsonl"
+    assert dsa.main(["--contexts", "96", "--steps", "2", "--repeats", "1", "--hf-context", "48", "--fp8-context", "96",
+                     "--set", "index_topk=32", "--set", "num_hidden_layers=2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["context"] == 96 and rows[1]["transformers_ms"][0] > 0
+    assert rows[-1]["cache_bytes"] == {"dense_v3": 2 * 48 * 4, "v32": 2 * 64 * 4, "v32_fp8_keys": 2 * (48 * 4 + 20)}
+    assert 0 <= rows[-1]["topk_overlap"] <= 1
+    assert "FP8 indexer keys" in capsys.readouterr().out
