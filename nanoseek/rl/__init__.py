@@ -5,4 +5,10 @@
     rewards.py  accuracy / countdown / code / format / language rewards, user rewards by import
                 path, weighted sums from `--reward name=weight`
     sandbox.py  a separate, limited process for model-written code
+    grpo.py     the GRPO loss and group-relative advantages (pure functions)
+    rollout.py  G completions per prompt on the inference engine, log-probs, routing replay
 """
+
+from .grpo import group_advantages, grpo_loss
+
+__all__ = ["group_advantages", "grpo_loss"]
