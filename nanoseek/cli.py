@@ -5,6 +5,7 @@
     nanoseek generate  prompt, batch-file or interactive generation
     nanoseek serve     OpenAI-compatible server with a web chat page
     nanoseek init      write a randomly initialised model (a preset + overrides)
+    nanoseek sft       supervised fine-tuning on chat data (loss on assistant turns, packed rows)
     nanoseek eval      pass@1 / pass@k / cons@k on a verifiable task, on the inference engine
     nanoseek sample    rejection sampling: completions the reward accepts, as chat JSONL
     nanoseek convert   FP8 <-> BF16/FP32 checkpoint conversion on CPU: fp8-to-bf16 | to-fp8
@@ -27,6 +28,7 @@ STAGES = {
     "generate": ("nanoseek.stages.generate", "prompt, batch-file or interactive generation"),
     "serve": ("nanoseek.stages.serve", "OpenAI-compatible server with a web chat page"),
     "init": ("nanoseek.stages.init", "write a randomly initialised model (preset + overrides)"),
+    "sft": ("nanoseek.stages.sft", "supervised fine-tuning on chat JSONL (assistant-only loss, packed)"),
     "eval": ("nanoseek.stages.eval", "pass@1 / pass@k / cons@k on a verifiable task (R1 protocol)"),
     "sample": ("nanoseek.stages.sample", "rejection sampling to chat JSONL (R1 traces, distillation data)"),
     "convert": ("nanoseek.stages.convert", "FP8 <-> BF16/FP32 checkpoint conversion on CPU (streaming)"),
@@ -37,6 +39,7 @@ BENCHES = {
     "serve": "nanoseek.bench.serve",
     "balance": "nanoseek.bench.balance",
     "dsa": "nanoseek.bench.dsa",
+    "sft": "nanoseek.bench.sft",
 }
 
 

@@ -242,31 +242,38 @@ class PackedBatch:
                                                        self.doc_ids)))
 
 
-def pack_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
-    """Greedy first-fit packing of conversations (by their `len(ids) - 1` training tokens) into rows
-    of at most seq_len tokens, in order: [[conversation index, ...], ...]. Deterministic."""
+def pack_rows(lengths: list[int], seq_len: int, window: int = 64) -> list[list[int]]:
+    """First-fit packing of conversations (by their `len(ids) - 1` training tokens) into rows of at
+    most seq_len tokens, in order: [[conversation index, ...], ...]. Deterministic. Only the newest
+    `window` rows with room are searched, so packing stays linear in the number of conversations."""
     rows: list[list[int]] = []
     room: list[int] = []
+    open_rows: list[int] = []  # indices of rows still searched
     for i, n in enumerate(lengths):
         need = n - 1
         if need > seq_len:
             raise ValueError(f"conversation {i} needs {need} tokens, more than seq_len={seq_len}")
-        for r, free in enumerate(room):
-            if free >= need:
+        for r in open_rows:
+            if room[r] >= need:
                 rows[r].append(i)
                 room[r] -= need
                 break
         else:
             rows.append([i])
             room.append(seq_len - need)
+            open_rows.append(len(rows) - 1)
+        open_rows = [r for r in open_rows if room[r] > 0][-window:]
     return rows
 
 
-def pack(convs: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 0) -> PackedBatch:
-    """Lay conversations end to end in rows of seq_len training tokens (see `pack_rows`).
+def pack(convs: list[tuple[list[int], list[bool]]], seq_len: int, rows: list[list[int]] | None = None,
+         pad_id: int = 0) -> PackedBatch:
+    """Lay conversations end to end in rows of seq_len training tokens: `rows` lists the conversation
+    indices of each row (default: `pack_rows` over all of them, in order).
 
     Conversation (ids, mask) contributes inputs ids[:-1], targets ids[1:], loss_mask mask[1:]."""
-    rows = pack_rows([len(ids) for ids, _ in convs], seq_len)
+    if rows is None:
+        rows = pack_rows([len(ids) for ids, _ in convs], seq_len)
     B = len(rows)
     inputs = torch.full((B, seq_len), pad_id, dtype=torch.long)
     targets = torch.full((B, seq_len), pad_id, dtype=torch.long)
@@ -278,6 +285,8 @@ def pack(convs: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int = 
         for d, i in enumerate(row):
             ids, mask = convs[i]
             n = len(ids) - 1
+            if at + n > seq_len:
+                raise ValueError(f"row {b} holds more than seq_len={seq_len} tokens")
             inputs[b, at:at + n] = torch.tensor(ids[:-1])
             targets[b, at:at + n] = torch.tensor(ids[1:])
             loss_mask[b, at:at + n] = torch.tensor(mask[1:])

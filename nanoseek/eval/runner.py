@@ -105,8 +105,8 @@ def sample_problems(model, tokenizer, prompts: list[list[int]], k: int, max_new_
         raise EvalError(f"a prompt is {longest} tokens, the model's context is {context}")
     max_new_tokens = min(max_new_tokens, context - longest)
     if engine is None:
-        engine = Engine(model, max_batch_size=min(batch_size, len(prompts) * k), max_seq_len=longest + max_new_tokens,
-                        tokenizer=tokenizer)
+        # No tokenizer in the engine: completions are decoded once at the end, not as text deltas per token.
+        engine = Engine(model, max_batch_size=min(batch_size, len(prompts) * k), max_seq_len=longest + max_new_tokens)
     queue = [(i, j) for i in range(len(prompts)) for j in range(k)]
     queue.reverse()
     out: list[list[Sample | None]] = [[None] * k for _ in prompts]
@@ -118,7 +118,8 @@ def sample_problems(model, tokenizer, prompts: list[list[int]], k: int, max_new_
             while queue and engine.free_slots > 0:
                 i, j = queue.pop()
                 params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_p=top_p if temperature > 0 else 1.0, seed=seed + i * k + j)
+                                        top_p=top_p if temperature > 0 else 1.0, seed=seed + i * k + j,
+                                        stop_token_ids=[tokenizer.eos_id])
                 rid = engine.add_request(prompts[i], params)
                 where[rid], tokens[rid] = (i, j), []
             for ev in engine.step():

@@ -82,9 +82,10 @@ def plot_run(records: list[dict], out: Path) -> list[str]:
     return written
 
 
-def write_report(out: Path, summary: dict, plots: list[str], samples: list[tuple[str, str]]) -> Path:
+def write_report(out: Path, summary: dict, plots: list[str], samples: list[tuple[str, str]],
+                 title: str = "nanoseek pre-training run") -> Path:
     """report.md: the run's key figures, its plots and a few samples. Returns its path."""
-    lines = [f"# nanoseek pre-training run: {summary['preset']}", ""]
+    lines = [f"# {title}: {summary['preset']}", ""]
     lines += ["| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["table"].items()]
     lines.append("")
