@@ -232,3 +232,21 @@ print(status("VmHWM") - before)
     assert peak < 8 * big, f"peak {peak / 2**20:.0f} MiB over baseline for {big / 2**20:.0f} MiB tensors"
     with safe_open(str(tmp_path / "f32" / "model-00002-of-00002.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.1.mlp.experts.1.up_proj.weight").shape == (1024, 1024)
+
+
+def test_generate_dtype_fp8_gives_the_dequantised_models_greedy_text(tmp_path, capsys):
+    from nanoseek.data import train_bpe
+    from nanoseek.stages import generate
+
+    tok = train_bpe([f"hello world {i}, the quick brown fox" for i in range(50)], vocab_size=300)
+    torch.manual_seed(0)
+    Transformer(preset("tiny", vocab_size=tok.vocab_size, num_hidden_layers=2)).save_pretrained(tmp_path / "bf")
+    tok.save(tmp_path / "bf")
+    assert cli(["convert", "to-fp8", str(tmp_path / "bf"), str(tmp_path / "fp8")]) == 0  # tokenizer copied
+    capsys.readouterr()
+    outs = []
+    for dtype in ([], ["--dtype", "fp8"]):
+        argv = ["--model", tmp_path / "fp8", "--prompt", "hello", "--max-new-tokens", 12, "--temperature", 0, "--no-chat"]
+        assert generate.main([str(a) for a in argv + dtype]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].strip()

@@ -99,17 +99,37 @@ class FP8InferenceExperts(nn.Module):
         proj = "down_proj" if stop is None else "gate_proj" if start == 0 else "up_proj"
         _store(getattr(self, proj)[expert], getattr(self, proj + "_scale_inv")[expert], t, scale, self.block)
 
-    def dequantized(self, proj: str, experts: torch.Tensor) -> torch.Tensor:
+    def dequantized(self, q: torch.Tensor, scale: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The chosen experts' weights of one projection in the compute dtype: [len(experts), out, in]."""
-        return dequantize_blocks(getattr(self, proj)[experts], getattr(self, proj + "_scale_inv")[experts],
-                                 self.block, self.dtype)
+        return dequantize_blocks(q[experts], scale[experts], self.block, self.dtype)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], indices/weights [N, K] -> [N, hidden]."""
+        N, K = indices.shape
+        if N * K <= self.n_experts:
+            return self._few_tokens(x, indices, weights)
         used, local = indices.unique(return_inverse=True)  # experts chosen, renumbered 0..U-1
-        gate_up = torch.cat([self.dequantized("gate_proj", used), self.dequantized("up_proj", used)], dim=1)
-        down = self.dequantized("down_proj", used)
-        return routed_experts(x, local, weights, gate_up.to(x.dtype), down.to(x.dtype), _grouped)
+        gate = self.dequantized(self.gate_proj, self.gate_proj_scale_inv, used)
+        up = self.dequantized(self.up_proj, self.up_proj_scale_inv, used)
+        down = self.dequantized(self.down_proj, self.down_proj_scale_inv, used)
+        gate_up = torch.cat([gate, up], dim=1).to(x.dtype)
+        return routed_experts(x, local, weights, gate_up, down.to(x.dtype), _grouped)
+
+
+    def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decoding (N*K <= E), as nanoseek.model.moe.Experts does it: each token's chosen experts
+        gathered (here as FP8, dequantised after the gather) and run as batched mat-vecs; no host
+        sync and no data-dependent shape, so the decode step compiles without a graph break."""
+        N, K = indices.shape
+        flat = indices.flatten()
+        gate = self.dequantized(self.gate_proj, self.gate_proj_scale_inv, flat)
+        up = self.dequantized(self.up_proj, self.up_proj_scale_inv, flat)
+        gate_up = torch.cat([gate, up], dim=1).to(x.dtype)  # [N*K, 2*inter, hidden]
+        down = self.dequantized(self.down_proj, self.down_proj_scale_inv, flat).to(x.dtype)
+        h = torch.bmm(gate_up, x.repeat_interleave(K, dim=0)[:, :, None]).squeeze(-1)
+        g, u = h.split(self.inter_dim, dim=-1)
+        h = torch.bmm(down, (F.silu(g) * u)[:, :, None]).squeeze(-1)
+        return (h.view(N, K, -1) * weights[..., None].to(h.dtype)).sum(dim=1)
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:

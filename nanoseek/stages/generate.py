@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cache length per request (default: what the prompts need, or "
                         f"{INTERACTIVE_MAX_SEQ_LEN} for --interactive; at most the model's context)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp8"], default=None,
+                   help="weights dtype (default: float32 on CPU, the checkpoint's otherwise); fp8 keeps the "
+                        "FP8 layers as FP8 + block scales in memory, dequantised per matmul")
     return p.parse_args(argv)
 
 
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load(a):
+    import torch
+
     from nanoseek.checkpoint import CheckpointError, resolve_model_dir
     from nanoseek.data import DataError, Tokenizer
     from nanoseek.model import ConfigError, Transformer
@@ -113,7 +118,8 @@ def load(a):
                             f"or copy one next to the model (nanoseek init --tokenizer DIR)")
     try:
         tokenizer = Tokenizer.from_dir(tok_dir)
-        model = Transformer.from_pretrained(a.model, device=a.device)
+        dtype = a.dtype if a.dtype in (None, "fp8") else getattr(torch, a.dtype)
+        model = Transformer.from_pretrained(a.model, dtype=dtype, device=a.device)
     except (CheckpointError, ConfigError, DataError, OSError) as e:
         raise GenerateError(str(e)) from None
     if tokenizer.vocab_size > model.args.vocab_size:

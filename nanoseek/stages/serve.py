@@ -35,7 +35,7 @@ from nanoseek.serve import ServerState, create_app
 from nanoseek.serve.app import REASONING_PARSERS
 
 log = logging.getLogger("nanoseek.serve")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "fp8": "fp8"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="split <think>...</think> into reasoning_content (R1-style models)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weights dtype (default: float32 on CPU, the checkpoint's otherwise)")
+                   help="weights dtype (default: float32 on CPU, the checkpoint's otherwise); fp8 keeps the "
+                        "FP8 layers as FP8 + block scales in memory, dequantised per matmul")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads on CPU (default: torch's, one per core); 1 is "
                         "fastest for tiny models and on a busy machine")
