@@ -32,6 +32,7 @@ STAGES = {
     "eval": ("nanoseek.stages.eval", "pass@1 / pass@k / cons@k on a verifiable task (R1 protocol)"),
     "sample": ("nanoseek.stages.sample", "rejection sampling to chat JSONL (R1 traces, distillation data)"),
     "convert": ("nanoseek.stages.convert", "FP8 <-> BF16/FP32 checkpoint conversion on CPU (streaming)"),
+    "plan-experts": ("nanoseek.stages.plan_experts", "expert placement with redundant copies from logged loads (EPLB)"),
 }
 BENCHES = {
     "train": "nanoseek.bench.train",
