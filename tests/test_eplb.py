@@ -52,7 +52,7 @@ def test_plan_is_a_valid_assignment_that_lowers_max_over_mean(gpus, nodes, repli
     assert torch.allclose(load.sum(dim=1), loads.double().sum(dim=1))  # all load served, none twice
     before = imbalance(gpu_loads(loads, identity_placement(L, E, gpus)))
     after = imbalance(load)
-    assert (after < before).all() and after.mean() < 0.6 * before.mean()
+    assert (after < before).all() and (after - 1).mean() < 0.5 * (before - 1).mean()  # half the excess gone
 
 
 def test_plan_rejects_shapes_that_do_not_divide():
