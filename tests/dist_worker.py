@@ -19,6 +19,7 @@ import torch
 from nanoseek.model import Transformer, preset
 from nanoseek.parallel import (Dist, build_mesh, check_layout, fail, init_distributed, parallelize, shutdown,
                                torchrun_world)
+from nanoseek.parallel.checkpoint import load_sharded, save_sharded
 from nanoseek.parallel.parallelize import full_grads, full_state_dict, max_ranks_reached
 from nanoseek.parallel.step import train_step
 
@@ -55,10 +56,11 @@ def run(cfg: dict, d: Dist) -> dict:
     else:
         parallelize(model, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    start = load_sharded(cfg["resume"], model, optimizer)["step"] if cfg.get("resume") else 0
     dp, dp_rank = (mesh["dp"].size(), mesh["dp"].get_local_rank()) if mesh is not None else (1, 0)
     rows = cfg["batch"] // dp
     losses, max_ranks = [], 0
-    for step in range(cfg["steps"]):
+    for step in range(start, cfg["steps"]):
         last = step == cfg["steps"] - 1
         ids = batches(cfg, step)[dp_rank * rows:(dp_rank + 1) * rows]
         if layout.pp > 1:
@@ -69,6 +71,8 @@ def run(cfg: dict, d: Dist) -> dict:
                              gamma=0.01, grad_clip=1.0, zero_grad=not last)
             max_ranks = max(max_ranks, max_ranks_reached(model))
         losses.append([res.ce, res.mtp, res.grad_norm])
+    if cfg.get("save"):
+        save_sharded(cfg["save"], model, optimizer, args, {"step": cfg["steps"]})
     params, grads = full_state_dict(model), full_grads(model)
     if layout.pp > 1:
         params, grads = pipe.gather(params), pipe.gather(grads)

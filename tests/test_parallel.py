@@ -73,9 +73,21 @@ def reference():
 
 
 @pytest.fixture(scope="module")
+def reference3():
+    """One process, one step further: what a resumed run's third step must give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reference_run({**COMMON, "steps": 3, "layout": {}}, Dist())
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
-    runs = [{"name": "fsdp2", "layout": {"dp_shard": 2}}, {"name": "ep2", "layout": {"ep": 2, "dp_shard": 1}},
+    runs = [{"name": "fsdp2", "layout": {"dp_shard": 2}},
+            {"name": "ep2", "layout": {"ep": 2, "dp_shard": 1}, "save": str(out / "ckpt")},
             {"name": "1f1b", "layout": {"pp": 2, "dp_shard": 1}, "schedule": "1f1b"},
             {"name": "dualpipev", "layout": {"pp": 2, "dp_shard": 1}, "schedule": "dualpipev"}]
     procs = launch(2, {**COMMON, "out": str(out), "runs": runs})
@@ -84,17 +96,21 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
+def four_ranks(tmp_path_factory, two_ranks):
     out = tmp_path_factory.mktemp("four")
-    procs = launch(4, {**COMMON, "out": str(out), "runs": [{"name": "ep2_fsdp2", "layout": {"ep": 2, "dp_shard": 2}}]})
+    runs = [{"name": "ep2_fsdp2", "layout": {"ep": 2, "dp_shard": 2}},
+            {"name": "resumed", "layout": {"ep": 2, "dp_shard": 2}, "resume": str(two_ranks / "ckpt"), "steps": 3}]
+    procs = launch(4, {**COMMON, "out": str(out), "runs": runs})
     assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
     return out
 
 
 def assert_same_run(ref: dict, got: dict):
     """Losses (CE, MTP, grad norm) per step, last-step gradients and final weights, to fp32 tolerance;
-    the balancing biases exactly (integer loads, the same sign decisions)."""
-    assert sum(got["losses"], []) == pytest.approx(sum(ref["losses"], []), rel=1e-5, abs=1e-6)
+    the balancing biases exactly (integer loads, the same sign decisions). A resumed run has only
+    the last steps' losses."""
+    n = len(got["losses"])
+    assert sum(got["losses"], []) == pytest.approx(sum(ref["losses"][-n:], []), rel=1e-5, abs=1e-6)
     assert got["params"].keys() == ref["params"].keys() and got["grads"].keys() == ref["grads"].keys()
     for k, v in ref["grads"].items():
         torch.testing.assert_close(got["grads"][k], v, rtol=1e-4, atol=1e-4 * v.abs().max().item() + 1e-8, msg=k)
@@ -153,3 +169,50 @@ def test_check_layout_names_what_is_wrong():
         check_layout(2, 2, 1, 1, args, micro_batch=2, batch_size=6)
     with pytest.raises(LayoutError, match="--pp 8 stages need at least as many layers"):
         check_layout(8, 1, 1, 8, args)
+
+
+def test_checkpoint_by_2_ranks_resumes_on_4_ranks(reference3, four_ranks):
+    # written by EP=2 (expert slices) after 2 steps, read by EP=2 x FSDP=2, one more step
+    for rank in range(4):
+        got = load(four_ranks, "resumed", rank)
+        assert len(got["losses"]) == 1
+        assert_same_run(reference3, got)
+
+
+def test_checkpoint_by_2_ranks_resumes_in_one_process(reference3, two_ranks):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = reference_run({**COMMON, "steps": 3, "layout": {}, "resume": str(two_ranks / "ckpt")}, Dist())
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(reference3, got)
+
+
+def test_sharded_checkpoint_exports_to_hf_layout_that_transformers_loads(two_ranks, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from nanoseek.model import Transformer
+    from nanoseek.parallel.checkpoint import export_hf
+
+    model = export_hf(two_ranks / "ckpt", tmp_path / "hf")
+    trained = load(two_ranks, "ep2", 0)["params"]
+    for k, v in model.state_dict().items():  # the weights the 2 ranks trained, exactly
+        assert torch.equal(v, trained[k]), k
+    ids = torch.randint(0, MODEL["vocab_size"], (2, 12))
+    with torch.no_grad():
+        ours = Transformer.from_pretrained(tmp_path / "hf")(ids)
+        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_metadata_is_not_an_arbitrary_pickle(two_ranks, tmp_path):
+    import pickle
+    import shutil
+
+    from nanoseek.parallel.checkpoint import load_sharded
+
+    bad = tmp_path / "bad"
+    shutil.copytree(two_ranks / "ckpt", bad)
+    (bad / "dcp" / ".metadata").write_bytes(pickle.dumps(print))  # would run builtins.print on an open load
+    with pytest.raises(ValueError, match="builtins.print, which is not allowed"):
+        load_sharded(bad, torch.nn.Linear(2, 2))
