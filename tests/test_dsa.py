@@ -4,6 +4,7 @@ the context, deterministic top-k ties, config round trips, and cached sparse dec
 uncached sparse forward (absorbed gather path, naive masked path, FP8 keys)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -317,3 +318,48 @@ def test_bench_dsa_smoke(tmp_path, capsys):
     assert rows[-1]["cache_bytes"] == {"dense_v3": 2 * 48 * 4, "v32": 2 * 64 * 4, "v32_fp8_keys": 2 * (48 * 4 + 20)}
     assert 0 <= rows[-1]["topk_overlap"] <= 1
     assert "FP8 indexer keys" in capsys.readouterr().out
+
+
+# --- the training stages end to end -------------------------------------------------------------------
+def test_train_stages_dsa_warmup_sparse_and_context_extension(tmp_path):
+    from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.stages import prepare
+    from nanoseek.stages import train as train_stage
+    from nanoseek.train.metrics import read_jsonl
+
+    data = tmp_path / "data"
+    prepare.main(["--out", str(data), "--max-bytes", "150000", "--vocab-size", "320", "--seq-len", "32",
+                  "--val-fraction", "0.1"])
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
+                 n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=2, num_nextn_predict_layers=1,
+                 max_position_embeddings=32, initializer_range=0.1)
+    fast = ["--batch-size", "4", "--batch-start", "4", "--eval-batches", "1", "--samples", "0", "--quiet",
+            "--warmup-steps", "2", "--eval-every", "0"]
+
+    def train(out, *flags):
+        return train_stage.main(["--data", str(data), "--out", str(tmp_path / out), *fast, *flags])
+
+    assert train("v3", *[f"--set={k}={json.dumps(v)}" for k, v in small.items()], "--steps", "3") == 0
+    base = Transformer.from_pretrained(resolve_model_dir(tmp_path / "v3"))
+    # V3.2 stage 1 from a V3 checkpoint: fresh indexers, everything else frozen, dense attention
+    assert train("warm", "--resume-from", str(tmp_path / "v3"), "--dsa-warmup", "--steps", "6", "--lr", "1e-2",
+                 "--set", "index_topk=8", "--set", "index_n_heads=2", "--set", "index_head_dim=8") == 0
+    warm = Transformer.from_pretrained(resolve_model_dir(tmp_path / "warm"))
+    assert warm.args.dsa and warm.args.index_topk == 8
+    assert torch.equal(warm.layers[1].self_attn.kv_b_proj.weight, base.layers[1].self_attn.kv_b_proj.weight)
+    s = json.loads((tmp_path / "warm" / "summary.json").read_text())
+    assert s["stage"] == "dsa-warmup" and s["final_indexer_kl"] < s["initial_indexer_kl"]
+    # stage 2: sparse (32-token windows, top-8), the LM loss and the indexer KL each on their own graph
+    assert train("sparse", "--resume-from", str(tmp_path / "warm"), "--steps", "3", "--lr", "1e-3") == 0
+    recs = [r for r in read_jsonl(tmp_path / "sparse" / "metrics.jsonl") if r["kind"] == "train"]
+    assert all(0 < r["kept_mass"] <= 1 and r["indexer_kl"] >= 0 and math.isfinite(r["loss"]) for r in recs)
+    # YaRN context extension: 32 -> 64 positions, trained on 64-token windows
+    assert train("long", "--resume-from", str(tmp_path / "v3"), "--extend-context", "64", "--steps", "2") == 0
+    config = json.loads((resolve_model_dir(tmp_path / "long") / "config.json").read_text())
+    assert config["max_position_embeddings"] == 64
+    assert config["rope_scaling"] == {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    with pytest.raises(SystemExit) as e:  # nothing to extend
+        train("bad", "--extend-context", "64", "--steps", "1")
+    assert e.value.code == 2

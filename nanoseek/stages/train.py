@@ -3,6 +3,8 @@
     nanoseek train --data runs/tiny/data --out runs/tiny --preset tiny --max-minutes 10
     nanoseek train --data DATA --out OUT --preset tiny --steps 300 --set num_hidden_layers=2
     nanoseek train --data DATA --out OUT --resume            # continue OUT/checkpoints/latest exactly
+    nanoseek train --data DATA --out OUT2 --resume-from OUT --extend-context 1024 --steps 50   # YaRN stage
+    nanoseek train --data DATA --out OUT3 --resume-from OUT --dsa-warmup --steps 50 --lr 1e-3  # V3.2 stage 1
     python -m nanoseek.stages.train --help
 
 The recipe is DeepSeek-V3's (report §4.2), scaled by flags to small runs: AdamW (β 0.9/0.95,
@@ -32,6 +34,15 @@ Design choices:
   from trainer_state; a flag typed with --resume is honoured only when it cannot change the numbers
   (device, cadences, retention, time limits), and is an error otherwise. On CPU the resumed loss
   sequence is bitwise identical.
+- Later stages start a new run from a checkpoint's weights (--resume-from; not its optimizer or
+  schedule). --extend-context N is V3's YaRN stage (§4.3): rope_scaling for N positions
+  (nanoseek/model/rope.py: extend_context), trained on N-token windows of the corpus. DeepSeek-V3.2's
+  two DSA stages (nanoseek/train/dsa.py): --dsa-warmup freezes the main model, attends densely and
+  trains only the lightning indexers, by KL to the main attention summed over heads (a deepseek_v3
+  checkpoint gets fresh indexers: a deepseek_v32 model, as V3.2 grew from V3.1); any other
+  deepseek_v32 run is the sparse stage: the indexer's selection in the forward, its KL on the
+  selected tokens on its own graph. Both log the indexer KL and the kept attention mass (the share
+  of the dense attention the top-k keeps).
 - One process per run directory (a lock on OUT/.lock); Ctrl-C / SIGTERM finish the step, save it
   and exit 130 / 143 (nanoseek/train/run.py).
 """
@@ -50,16 +61,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanoseek.checkpoint import CheckpointError
+from nanoseek.checkpoint import CheckpointError, resolve_model_dir
 from nanoseek.cli import float_in, int_in
 from nanoseek.data import BatchLoader, DataError, Tokenizer, TokenShards, eval_batches
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
 from nanoseek.model.args import parse_overrides
 from nanoseek.model.layers import MLP
+from nanoseek.model.indexer import set_sparse
 from nanoseek.model.mla import MLA
+from nanoseek.model.rope import extend_context
 from nanoseek.train import schedule as V3
 from nanoseek.train.balance import max_vio, update_bias
+from nanoseek.train.dsa import IndexerLoss, freeze_all_but_indexers
 from nanoseek.train.loss import evaluate, training_loss
 from nanoseek.train.metrics import JsonlLog, flops_per_token, measure_peak_flops, read_jsonl
 from nanoseek.train.report import plot_run, write_report
@@ -132,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-alpha", type=float_in(0), default=1e-4, help="sequence-wise balance loss weight α (V3: 1e-4)")
     g.add_argument("--aux-alpha", type=float_in(0), default=0.0, help="classic batch-wide auxiliary loss weight (V2-style "
                                                              "baseline, e.g. 0.01; default off)")
+    g = p.add_argument_group("later stages: context extension, sparse attention (DeepSeek-V3.2)")
+    g.add_argument("--resume-from", type=Path, help="start this run from a checkpoint's weights (a new stage)")
+    g.add_argument("--extend-context", type=int_in(2), help="YaRN extension to N positions (V3: 32768, then 131072); "
+                   "--seq-len defaults to N")
+    g.add_argument("--yarn-factor", type=float_in(1), help="YaRN factor (default N / the original context; V3: 40)")
+    g.add_argument("--dsa-warmup", action="store_true", help="train only the lightning indexers, main model frozen, "
+                   "dense attention (V3.2: 1000 steps, lr 1e-3)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
@@ -154,6 +175,8 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
         p.error("give exactly one of --tokens / --steps, or --max-minutes alone")
     if a.data is None and not a.resume:
         p.error("--data is required (a `nanoseek prepare` output directory)")
+    if (a.extend_context or a.yarn_factor) and a.resume_from is None and not a.resume:
+        p.error("--extend-context needs --resume-from CKPT (the model to extend)")
     return a
 
 
@@ -231,11 +254,13 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         if Tokenizer.from_dir(resume_from).fingerprint() != tokenizer.fingerprint():
             raise DataError(f"tokenizer mismatch: checkpoint {resume_from} was trained with another tokenizer "
                             f"than {tok_dir}")
-    seq_len = a.seq_len or meta.get("seq_len", 256)
+    seq_len = a.seq_len or a.extend_context or meta.get("seq_len", 256)
 
     # --- model ---------------------------------------------------------------------------------
     if resume_from is not None:
         model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=device)
+    elif a.resume_from is not None:
+        model = stage_model(a, device, tokenizer)
     else:
         overrides = parse_overrides(a.overrides)
         overrides.setdefault("vocab_size", tokenizer.vocab_size)
@@ -254,6 +279,13 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                              model_vocab_size=model.args.vocab_size)
     loader = BatchLoader(train_shards, a.micro_batch, seq_len, seed=a.seed)
     has_mtp = a.mtp_lambda > 0 and len(model.mtp) > 0
+    dsa = IndexerLoss(model) if model.args.dsa else None  # indexer KL and kept mass, per forward
+    if a.dsa_warmup:
+        if dsa is None:
+            raise RunError("--dsa-warmup needs a deepseek_v32 model (or --resume-from a deepseek_v3 checkpoint)")
+        freeze_all_but_indexers(model)
+        set_sparse(model, False)
+        a.bias_gamma = 0.0  # the main model (its balancing bias too) stays as it is
 
     # --- optimizer: weight decay on matrices only (norm gains stay undecayed, as in nanoGPT) ----------
     named = list(model.named_parameters())
@@ -292,7 +324,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         elif a.steps is not None:
             total_tokens = a.steps * a.batch_size * seq_len
         else:
-            total_tokens = budget_from_minutes(a, model, seq_len, device, amp, t_start)
+            with dsa.paused() if dsa else contextlib.nullcontext():
+                total_tokens = budget_from_minutes(a, model, seq_len, device, amp, t_start)
     sched = Schedule(total_tokens=total_tokens, lr=a.lr, warmup_steps=a.warmup_steps, decay_start=a.decay_start,
                      decay_end=a.decay_end, tail_switch=a.tail_switch, batch_size=a.batch_size,
                      batch_start=a.batch_start, batch_ramp=a.batch_ramp, micro_batch=a.micro_batch,
@@ -305,7 +338,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
 
     def run_eval() -> dict:
         batches = eval_batches(val_shards, a.micro_batch, seq_len, max_batches=a.eval_batches)
-        loss, counts = evaluate(model, batches, autocast)
+        with dsa.paused() if dsa else contextlib.nullcontext():
+            loss, counts = evaluate(model, batches, autocast)
         rec = {"kind": "val", "step": step, "tokens": tokens, "val_loss": loss,
                "val_bpb": val_shards.bits_per_byte(loss) if val_shards.bytes_per_token else None,
                "val_maxvio": max_vio(counts).tolist()}
@@ -346,17 +380,21 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
             batch = sched.batch_at(tokens)
             lr, lam, gamma = sched.lr_at(step, tokens), sched.mtp_lambda_at(tokens), sched.gamma_at(tokens)
             accum = batch // a.micro_batch
-            losses, counts = torch.zeros(3, device=device), None  # ce, mtp, balance, summed over micro-batches
+            losses, counts = torch.zeros(5, device=device), None  # ce, mtp, balance, indexer KL, kept mass
             for _ in range(accum):
                 inputs, targets = (t.to(device, non_blocking=True) for t in next(loader))
-                with amp():
+                with amp(), torch.no_grad() if a.dsa_warmup else contextlib.nullcontext():
                     parts = training_loss(model, inputs, targets, lam if has_mtp else 0.0, a.seq_alpha, a.aux_alpha)
-                (parts.total / accum).backward()
-                losses += torch.stack([parts.ce, parts.mtp, parts.balance])
+                st = dsa.pop() if dsa is not None else None
+                kl, kept = (st.kl, st.kept_mass) if st is not None else (0.0, 0.0)
+                # the warm-up learns from the indexer KL alone; the sparse stage adds it (its own graph)
+                ((kl if a.dsa_warmup else parts.total + kl) / accum).backward()
+                losses += torch.stack([parts.ce, parts.mtp, parts.balance, torch.as_tensor(kl).detach().float(),
+                                       torch.tensor(kept)])
                 counts = parts.counts if counts is None else counts + parts.counts
             grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
-            ce, mtp, bal = (losses / accum).tolist()  # one host sync per step
-            skipped = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(grad_norm))
+            ce, mtp, bal, kl, kept = (losses / accum).tolist()  # one host sync per step
+            skipped = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(kl) and math.isfinite(grad_norm))
             with stop.critical():  # the step is applied and recorded whole, or not at all
                 if skipped:  # no update, no bias move; the batch is consumed all the same
                     nonfinite, bad_streak = nonfinite + 1, bad_streak + 1
@@ -379,6 +417,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                        "mtp_loss": mtp if has_mtp else None, "balance_loss": bal, "lr": lr,
                        "mtp_lambda": lam if has_mtp else 0.0, "bias_gamma": gamma, "batch": batch,
                        "grad_norm": grad_norm, "tok_per_s": tok_s, "mfu": tok_s * flops_tok / peak, "skipped": skipped}
+                if dsa is not None:
+                    rec.update(indexer_kl=kl, kept_mass=kept)
                 if counts is not None and len(counts):
                     rec["maxvio"] = max_vio(counts).tolist()
                     rec["load"] = (counts / counts.sum(-1, keepdim=True)).tolist()
@@ -450,6 +490,13 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         "maxvio_batch": maxvio_batch, "maxvio_batch_mean": sum(maxvio_batch) / max(1, len(maxvio_batch)),
         "val_maxvio": final["val_maxvio"], "checkpoint": str(latest_checkpoint(ckpt_root)),
     }
+    if dsa is not None and train_recs:
+        last = train_recs[-max(1, len(train_recs) // 10):]
+        summary.update(stage="dsa-warmup" if a.dsa_warmup else "dsa-sparse",
+                       initial_indexer_kl=train_recs[0]["indexer_kl"],
+                       final_indexer_kl=sum(r["indexer_kl"] for r in last) / len(last),
+                       initial_kept_mass=train_recs[0]["kept_mass"],
+                       final_kept_mass=sum(r["kept_mass"] for r in last) / len(last))
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["table"] = {
         "model": f"{model.num_params() / 1e6:.2f}M params, {model.num_params(active=True) / 1e6:.2f}M active",
@@ -461,6 +508,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         "MaxVio_batch (last 10% of steps)": ", ".join(f"{v:.3f}" for v in maxvio_batch) or "n/a",
         "MaxVio on validation": ", ".join(f"{v:.3f}" for v in final["val_maxvio"]) or "n/a",
         "non-finite steps skipped": str(nonfinite),
+        **({"indexer KL (last 10% of steps)": f"{summary['initial_indexer_kl']:.4f} -> {summary['final_indexer_kl']:.4f}",
+            "kept attention mass (top-k of the dense attention)":
+                f"{summary['initial_kept_mass']:.3f} -> {summary['final_kept_mass']:.3f}"} if "stage" in summary else {}),
         "checkpoint": summary["checkpoint"],
     }
     report = write_report(a.out, summary, plot_run(records, a.out), samples)
@@ -480,7 +530,8 @@ def budget_from_minutes(a, model, seq_len, device, amp, t_start) -> int:
         t0 = time.perf_counter()
         with amp():
             parts = training_loss(model, ids[:, :-1], ids[:, 1:], a.mtp_lambda, a.seq_alpha, a.aux_alpha)
-        parts.total.backward()
+        if parts.total.requires_grad:  # not in a --dsa-warmup (the main model is frozen)
+            parts.total.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -490,6 +541,33 @@ def budget_from_minutes(a, model, seq_len, device, amp, t_start) -> int:
     total = int(rate * left * 0.92)
     print(f"budget: {rate:,.0f} tokens/s measured -> {total:,} tokens in {left / 60:.1f} min")
     return max(total, a.batch_size * seq_len)
+
+
+def stage_model(a, device, tokenizer) -> Transformer:
+    """--resume-from CKPT: a new stage from a checkpoint's weights, with --set, --dsa-warmup (a deepseek_v3
+    checkpoint gets fresh lightning indexers) and --extend-context (YaRN) applied to its config."""
+    path = resolve_model_dir(a.resume_from)
+    if (path / "tokenizer.json").exists() and Tokenizer.from_dir(path).fingerprint() != tokenizer.fingerprint():
+        raise DataError(f"tokenizer mismatch: {path} was trained with another tokenizer than the data's")
+    src = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+    overrides = parse_overrides(a.overrides)
+    if a.dsa_warmup and not src.args.dsa:
+        overrides.setdefault("model_type", "deepseek_v32")
+    args = src.args.replace(**overrides)
+    if a.extend_context:
+        args = extend_context(args, a.extend_context, a.yarn_factor)
+    torch.manual_seed(a.seed)
+    model = Transformer(args).to(device)
+    try:
+        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    except RuntimeError as e:
+        raise RunError(f"--set changes tensor shapes of {path}: {str(e).splitlines()[1].strip()}") from None
+    if unexpected or any(".indexer." not in k for k in missing):
+        raise RunError(f"{path} does not fit the new config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    print(f"stage from {path}: {src.args.model_type} -> {args.model_type}"
+          + (f", rope_scaling {args.rope_scaling}" if a.extend_context else "")
+          + (f", {len(missing)} fresh indexer tensors" if missing else ""))
+    return model
 
 
 def show_samples(model, tokenizer, n) -> list[tuple[str, str]]:

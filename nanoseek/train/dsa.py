@@ -20,6 +20,7 @@ whether the sparse model can match the dense one). `pop()` returns their layer m
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ class IndexerLoss:
     def __init__(self, model: nn.Module):
         self.kl: list[torch.Tensor] = []
         self.kept: list[torch.Tensor] = []
+        self.active = True
         self.handles = [m.register_forward_hook(self._hook, with_kwargs=True)
                         for m in model.modules() if isinstance(m, MLA) and m.indexer is not None]
         if not self.handles:
@@ -49,8 +51,8 @@ class IndexerLoss:
     def _hook(self, mla: MLA, args, kwargs, output):
         names = ("x", "cos", "sin", "cache", "positions", "kv_len", "absorbed", "mask")
         inputs = {**dict(zip(names, args)), **kwargs}
-        if inputs.get("cache") is not None:
-            return  # cached inference: nothing to train
+        if inputs.get("cache") is not None or not self.active:
+            return  # cached inference, evaluation: nothing to train
         kl, kept = layer_loss(mla, inputs["x"], inputs["cos"], inputs["sin"], inputs.get("mask"))
         self.kl.append(kl)
         self.kept.append(kept)
@@ -62,6 +64,15 @@ class IndexerLoss:
         stats = IndexerStats(torch.stack(self.kl).mean(), torch.stack(self.kept).mean().item())
         self.kl, self.kept = [], []
         return stats
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No collection inside (validation, throughput measurements)."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
     def remove(self) -> None:
         for h in self.handles:
