@@ -7,10 +7,14 @@ on PYTHONPATH; everything uses tiny random models and tokenizers built here.
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -105,10 +109,10 @@ def test_resolve_device():
             resolve_device("cuda:3")
 
 
-def test_generate_takes_a_run_directory(run_dir):
+def test_generate_takes_a_run_directory(run_dir, capsys):
     # Catches: generate failing on `--model RUN` (no config.json there) instead of using the latest checkpoint.
-    r = cli("generate", "--model", run_dir, "--prompt", "hello", "--max-new-tokens", 3, "--no-chat",
-            "--device", "cpu")
+    r = cli_in_process(capsys, "generate", "--model", run_dir, "--prompt", "hello", "--max-new-tokens", 3,
+                       "--no-chat", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -261,3 +265,139 @@ def test_prepare_bad_values_are_one_line_exit_2(tmp_path, capsys, flags, says):
     r = cli_in_process(capsys, "prepare", corpus, *flags)
     one_line_error(r, says)
     assert "training" not in r.stderr and not (tmp_path / "out").exists()
+
+
+# --- generate: checks before work, encodings, Ctrl-C, flag ranges ------------------------------
+@pytest.mark.parametrize("flags,says", [
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--max-new-tokens", str(10**30)], "--max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--top-k", "-1"], "--top-k"),
+    (["--min-p", "1"], "--min-p"), (["--seed", str(10**30)], "--seed"), (["--seed", "-3"], "--seed"),
+    (["--batch-size", "0"], "--batch-size"), (["--max-seq-len", "1"], "--max-seq-len"), (["--stop", ""], "--stop"),
+    (["--device", "tpu9"], "--device"), (["--prompt", "hi\udcff"], "not valid UTF-8"),  # argv bytes 0xff
+    (["--model", "{tmp}/nowhere"], "--model"), (["--output", "{tmp}/missing_dir/out.jsonl"], "does not exist"),
+    (["--output", "{tmp}"], "is a directory"),
+])
+def test_generate_bad_values_fail_before_any_work(model_dir, tmp_path, capsys, flags, says):
+    # Catches: a bad flag (or an unwritable --output) found only after the model ran.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    mode = ["--input-file", prompts] if "--prompt" not in flags else []
+    argv = ["--model", model_dir, *mode, "--max-new-tokens", 3] + [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    if "--model" in flags:
+        argv = argv[2:]
+    r = cli_in_process(capsys, "generate", *argv)
+    one_line_error(r, says)
+    assert "tokens in" not in r.stderr  # nothing was generated
+
+
+def test_generate_input_file_not_utf8_names_the_line(model_dir, tmp_path, capsys):
+    # Catches: a UnicodeDecodeError message with a byte offset instead of the line to fix.
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"\xef\xbb\xbfhello\nworld \xff\xfe\n")
+    r = cli_in_process(capsys, "generate", "--model", model_dir, "--input-file", bad)
+    one_line_error(r, "line 2 is not valid UTF-8", "0xff")
+
+
+def test_generate_output_is_written_whole(model_dir, tmp_path, capsys):
+    # Catches: --output opened (and truncated) before generating, then left half-written.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\nworld\n")
+    out = tmp_path / "out.jsonl"
+    r = cli_in_process(capsys, "generate", "--model", model_dir, "--input-file", prompts, "--output", out,
+                       "--max-new-tokens", 3, "--temperature", 0)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["hello", "world"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "p.txt"]  # no temp file left
+
+
+def read_until(proc, marker: bytes, count: int, timeout: float = 120) -> bytes:
+    """Read the process's stdout until `marker` has appeared `count` times."""
+    import select
+    data, deadline = b"", time.monotonic() + timeout
+    while data.count(marker) < count:
+        assert time.monotonic() < deadline and proc.poll() is None, (data, proc.stderr.read() if proc.poll() else "")
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            data += os.read(proc.stdout.fileno(), 4096)
+    return data
+
+
+def test_interactive_ctrl_c_ends_cleanly_and_bad_bytes_are_replaced(model_dir):
+    # Catches: Ctrl-C in `generate --interactive` printing a traceback; a non-UTF-8 line ending the session.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "generate", "--model", str(model_dir), "--interactive",
+                             "--max-new-tokens", "3", "--device", "cpu"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        read_until(proc, b">>> ", 1)
+        proc.stdin.write(b"hi \xff there\n")
+        proc.stdin.flush()
+        read_until(proc, b">>> ", 1)  # the reply came, and the next prompt
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err = proc.stderr.read().decode()
+    assert code == 0 and "Traceback" not in err, err
+    assert "not valid UTF-8" in err
+
+
+# --- serve: the port, tool calls ----------------------------------------------------------------
+def test_serve_port_in_use_is_one_line_exit_2(model_dir, capsys):
+    # Catches: uvicorn's bind failure aborting the process ("terminate called...", exit 134).
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = cli("serve", "--model", model_dir, "--port", port, timeout=120)
+    one_line_error(r, f"--port {port} is already in use")
+    for flags, says in ((["--port", "70000"], "--port"), (["--port", "0"], "--port"),
+                        (["--max-batch-size", str(10**30)], "--max-batch-size")):
+        one_line_error(cli_in_process(capsys, "serve", "--model", model_dir, *flags), says)
+
+
+def test_serve_keeps_tool_calls_or_refuses_them(model_dir):
+    # Catches: tool_calls of past assistant turns silently dropped from the prompt.
+    from serving import serve
+
+    tok = Tokenizer.from_dir(model_dir)
+    model = Transformer.from_pretrained(model_dir)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+
+    def post(live, messages):
+        return httpx.post(live.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1},
+                          trust_env=False, timeout=60)
+
+    with serve(model, tok, context=128) as live:
+        r = post(live, history)
+        assert r.status_code == 200, r.text
+        want = len(tok.encode(tok.apply_chat_template([history[0], {**history[1], "tool_calls": [
+            {"type": "function", "function": call["function"]}]}, history[2]])))
+        assert r.json()["usage"]["prompt_tokens"] == want
+        r = post(live, [history[0], {"role": "user", "content": "x", "tool_calls": [call]}])
+        assert r.status_code == 400 and "only allowed on assistant" in r.text
+    # A chat template that ignores tool_calls: refused, naming the message, not answered blind.
+    plain = Tokenizer(tok.tk, {**tok.config, "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"})
+    with serve(model, plain, context=128) as live:
+        r = post(live, history)
+        assert r.status_code == 400 and "messages[1].tool_calls[0]" in r.json()["error"]["message"]
+
+
+# --- init --tokenizer ---------------------------------------------------------------------------
+def test_init_sizes_the_vocabulary_to_the_tokenizer(model_dir, tmp_path, capsys):
+    # Catches: init --tokenizer writing the preset's vocab_size, which the tokenizer's ids overflow.
+    tok = Tokenizer.from_dir(model_dir)
+    r = cli_in_process(capsys, "init", "--out", tmp_path / "a", "--tokenizer", model_dir, "--set", "num_hidden_layers=1")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["vocab_size"] == tok.vocab_size and config["eos_token_id"] == tok.eos_id
+    assert (tmp_path / "a" / "tokenizer.json").is_file()
+    r = cli_in_process(capsys, "init", "--out", tmp_path / "b", "--tokenizer", model_dir, "--set", "num_hidden_layers=1",
+                       "--set", f"vocab_size={tok.vocab_size + 20}")  # padded past the tokenizer: kept
+    assert r.returncode == 0 and json.loads((tmp_path / "b" / "config.json").read_text())["vocab_size"] == 320
+    r = cli_in_process(capsys, "init", "--out", tmp_path / "c", "--tokenizer", model_dir, "--set", "vocab_size=100")
+    one_line_error(r, "vocab_size=100 is smaller than the tokenizer")
+    assert not (tmp_path / "c").exists()

@@ -356,6 +356,11 @@ async def chat_completions(request: Request):
     check_model(state, req.model)
     tok = state.tokenizer
     prompt = await _tokenize(tok.apply_chat_template, req.conversation())
+    dropped = req.unrendered_tool_call(prompt)
+    if dropped:  # refuse rather than answer a history the model never saw
+        raise P.APIError(400, f"{dropped}: this model's chat template does not render tool calls, so "
+                              f"the model would not see them; send the history without tool_calls "
+                              f"(e.g. as assistant text)", param="messages")
     prompt_ids = await _tokenize(tok.encode, prompt)
     max_new = plan_tokens(state, len(prompt_ids), req.max_new_tokens, "messages")
     job = submit(state, [prompt_ids] * req.n, sampling_params(req, max_new, req.n))

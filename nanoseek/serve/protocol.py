@@ -149,11 +149,27 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A tool call of a past assistant turn. Kept in the history the template renders (never
+    dropped): a template that does not render it makes the request a 400 (see app.py)."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     # "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def text(self) -> str:
         """The message content as one string (text parts joined)."""
@@ -187,6 +203,9 @@ class ChatCompletionRequest(_Request):
             if m.content is None and m.role != "assistant":
                 raise _FieldError("messages", f"messages[{i}].content is required for role "
                                               f"{m.role!r}")
+            if m.tool_calls and m.role != "assistant":
+                raise _FieldError("messages", f"messages[{i}].tool_calls is only allowed on "
+                                              f"assistant messages")
             try:
                 m.text()
             except ValueError as e:
@@ -204,9 +223,26 @@ class ChatCompletionRequest(_Request):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict]:
-        """The messages as the tokenizer's chat template wants them: role and content str."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        """The messages as the tokenizer's chat template wants them: role, content str and, for
+        assistant turns that made them, tool_calls [{type, function: {name, arguments}}]."""
+        out = []
+        for m in self.messages:
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                message["tool_calls"] = [{"type": c.type, "function": {"name": c.function.name,
+                                                                      "arguments": c.function.arguments}}
+                                         for c in m.tool_calls]
+            out.append(message)
+        return out
+
+    def unrendered_tool_call(self, prompt: str) -> str | None:
+        """The first tool call whose name or arguments the rendered `prompt` lacks (a chat template
+        that drops tool calls), as "messages[i].tool_calls[j]"; None when all are there."""
+        for i, m in enumerate(self.messages):
+            for j, c in enumerate(m.tool_calls or []):
+                if c.function.name not in prompt or c.function.arguments not in prompt:
+                    return f"messages[{i}].tool_calls[{j}]"
+        return None
 
 
 class CompletionRequest(_Request):

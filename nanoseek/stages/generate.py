@@ -13,21 +13,30 @@ writes one JSON object per prompt, in input order, to --output (default stdout):
 {"prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason"}.
 --interactive keeps the conversation (with --no-chat it completes each line on its own).
 
-The tokenizer is looked up in --tokenizer, the model directory, or MODEL/tokenizer. A model with
-no tokenizer, an empty or unreadable input file, a prompt that does not fit the model's context
-(max_position_embeddings) or a bad flag end with one line on stderr and exit status 2. A prompt
-that fits but leaves less room than --max-new-tokens gets what room there is (noted on stderr).
+--model takes a model directory or a training run (RUN, RUN/checkpoints, RUN/checkpoints/latest:
+the latest checkpoint). The tokenizer is looked up in --tokenizer, the model directory, or
+MODEL/tokenizer. A model with no tokenizer, an empty or unreadable input file, a prompt or input
+line that is not valid UTF-8, an --output that cannot be written, a prompt that does not fit the
+model's context (max_position_embeddings) or a bad flag end with one line on stderr and exit
+status 2, before anything is generated. A prompt that fits but leaves less room than
+--max-new-tokens gets what room there is (noted on stderr). --output is written whole or not at
+all (a temporary file renamed into place). In --interactive, a line typed in another encoding
+is decoded with U+FFFD for the bad bytes (noted on stderr); Ctrl-C during a reply stops it,
+Ctrl-C (or end of input) at the prompt ends the session. Ctrl-C elsewhere exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from nanoseek.device import DeviceError, resolve_device
-from nanoseek.inference import Engine, SamplingParams, chat_prompt
+from nanoseek.inference import Engine, RequestFailed, SamplingParams, chat_prompt
 
 # --interactive has no prompts to size the cache from; cap it here unless --max-seq-len says otherwise.
 INTERACTIVE_MAX_SEQ_LEN = 8192
@@ -73,27 +82,101 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fp8"], default=None,
                    help="weights dtype (default: float32 on CPU, the checkpoint's otherwise); fp8 keeps the "
                         "FP8 layers as FP8 + block scales in memory, dequantised per matmul")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    problem = check_flags(a)
+    if problem:
+        p.error(problem)
+    return a
+
+
+def check_flags(a) -> str | None:
+    """The first flag with a value out of its range, in the user's words (None: all fine)."""
+    big = 2**31
+    ints = [("--max-new-tokens", a.max_new_tokens, 1, big), ("--top-k", a.top_k, 0, big),
+            ("--batch-size", a.batch_size, 1, 65536), ("--seed", a.seed, 0, 2**63),
+            ("--max-seq-len", a.max_seq_len, 2, big)]
+    for flag, value, lo, hi in ints:
+        if value is not None and not lo <= value < hi:
+            return f"{flag} must be an integer in [{lo}, {hi if hi < 2**40 else '2**63'}), got {value}"
+    floats = [("--temperature", a.temperature, 0 <= a.temperature, ">= 0"),
+              ("--top-p", a.top_p, 0 < a.top_p <= 1, "in (0, 1]"),
+              ("--min-p", a.min_p, 0 <= a.min_p < 1, "in [0, 1)")]
+    for flag, value, ok, want in floats:
+        if not (math.isfinite(value) and ok):
+            return f"{flag} must be a number {want}, got {value}"
+    if any(not s for s in a.stop):
+        return "--stop must not be empty"
+    for flag, text in [("--prompt", a.prompt)] + [("--stop", s) for s in a.stop]:
+        bad = text is not None and not_utf8(text)
+        if bad:
+            return f"{flag} is not valid UTF-8 ({bad}); pass text in UTF-8"
+    return None
+
+
+def not_utf8(text: str) -> str | None:
+    """Why a command-line string is not UTF-8 (Python keeps undecodable argv bytes as lone
+    surrogates), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00
+        where = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else "a lone surrogate"
+        return f"{where} at character {e.start + 1}"
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
-        if a.max_new_tokens < 1 or a.batch_size < 1:
-            raise GenerateError("--max-new-tokens and --batch-size must be >= 1")
-        try:
-            params(a, a.max_new_tokens).validate()
-        except ValueError as e:
-            raise GenerateError(str(e).split(" (got")[0]) from None
+        prompts = read_prompts(a) if a.input_file else None
+        check_output(a.output)
         model, tokenizer = load(a)
         if a.interactive:
             return interactive(a, model, tokenizer)
         if a.prompt is not None:
             return one_prompt(a, model, tokenizer)
-        return input_file(a, model, tokenizer)
+        return input_file(a, model, tokenizer, prompts)
     except GenerateError as e:
         print(f"nanoseek generate: error: {e}", file=sys.stderr)
         return 2
+    except RequestFailed as e:
+        print(f"\nnanoseek generate: error: the engine failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nnanoseek generate: interrupted", file=sys.stderr)
+        return 130
+
+
+def read_prompts(a) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of --input-file; GenerateError naming a bad line."""
+    try:
+        data = a.input_file.read_bytes()
+    except OSError as e:
+        raise GenerateError(f"cannot read --input-file {a.input_file}: {e.strerror or e}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the first prompt
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GenerateError(f"cannot read --input-file {a.input_file}: line {line} is not valid UTF-8 "
+                            f"(byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+    prompts = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not prompts:
+        raise GenerateError(f"--input-file {a.input_file} has no prompts (one per line)")
+    return prompts
+
+
+def check_output(path: Path | None) -> None:
+    """Fail before generating when --output cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise GenerateError(f"--output {path} is a directory; give a file name")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise GenerateError(f"--output {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GenerateError(f"--output {path}: cannot write in {parent} (permission denied)")
 
 
 def load(a):
@@ -193,14 +276,7 @@ def one_prompt(a, model, tokenizer) -> int:
     return 0
 
 
-def input_file(a, model, tokenizer) -> int:
-    try:
-        lines = a.input_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GenerateError(f"cannot read --input-file {a.input_file}: {e}") from None
-    prompts = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    if not prompts:
-        raise GenerateError(f"--input-file {a.input_file} has no prompts (one per line)")
+def input_file(a, model, tokenizer, prompts: list[tuple[int, str]]) -> int:
     context = context_of(a, model)
     ids = [encode(a, tokenizer, text) for _, text in prompts]
     budgets = [fit(a, len(x), context, f"the prompt on line {n} of {a.input_file}") for x, (n, _) in zip(ids, prompts)]
@@ -208,23 +284,36 @@ def input_file(a, model, tokenizer) -> int:
     engine = make_engine(a, model, tokenizer, min(a.batch_size, len(ids)), max_seq_len)
     results = complete_all(engine, ids, [params(a, b, i) for i, b in enumerate(budgets)])
     failed = sum(reason == "error" for _, _, reason in results)
-    out = a.output.open("w", encoding="utf-8") if a.output else sys.stdout
-    try:
-        for (_, text), x, (tokens, completion, reason) in zip(prompts, ids, results):
-            row = dict(prompt=text, completion=completion, prompt_tokens=len(x), completion_tokens=len(tokens),
-                       finish_reason=reason)
-            if reason == "error":  # completion is empty, the engine's message in "error"
-                row.update(completion="", error=completion)
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finally:
-        if a.output:
-            out.close()
+    rows = []
+    for (_, text), x, (tokens, completion, reason) in zip(prompts, ids, results):
+        row = dict(prompt=text, completion=completion, prompt_tokens=len(x), completion_tokens=len(tokens),
+                   finish_reason=reason)
+        if reason == "error":  # completion is empty, the engine's message in "error"
+            row.update(completion="", error=completion)
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    if a.output:
+        write_atomic(a.output, "".join(rows))
+    else:
+        sys.stdout.writelines(rows)
     report(engine)
     if failed:
         print(f"nanoseek generate: error: {failed} of {len(results)} prompt(s) failed in the engine "
               f"(finish_reason \"error\" in the output)", file=sys.stderr)
         return 1
     return 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """All of `text` at `path`, or (on any failure) the file as it was."""
+    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def complete_all(engine: Engine, prompts: list[list[int]], params_list: list[SamplingParams]):
@@ -254,13 +343,18 @@ def interactive(a, model, tokenizer) -> int:
     max_seq_len = context_of(a, model) if a.max_seq_len else min(model.args.max_position_embeddings,
                                                                   INTERACTIVE_MAX_SEQ_LEN)
     engine = make_engine(a, model, tokenizer, 1, max_seq_len)
-    print("nanoseek chat: /clear starts over, /exit quits", file=sys.stderr)
+    print("nanoseek chat: /clear starts over, /exit (or Ctrl-C, Ctrl-D) quits, Ctrl-C stops a reply",
+          file=sys.stderr)
     messages: list[dict] = []
     turn = 0
     while True:
-        print(">>> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
+        try:
+            print(">>> ", end="", flush=True)
+            line = read_line()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session
+            print()
+            return 0
+        if line is None:  # end of input
             print()
             return 0
         line = line.strip()
@@ -281,9 +375,30 @@ def interactive(a, model, tokenizer) -> int:
             continue
         n_new = min(a.max_new_tokens, max_seq_len - len(ids))
         reply = ""
-        for ev in engine.stream(ids, params(a, n_new, turn)):
-            print(ev.text, end="", flush=True)
-            reply += ev.text
+        stream = engine.stream(ids, params(a, n_new, turn))
+        try:
+            for ev in stream:
+                print(ev.text, end="", flush=True)
+                reply += ev.text
+        except KeyboardInterrupt:  # Ctrl-C during a reply stops it
+            stream.close()  # cancels the request: the engine is idle for the next turn
+            print(" [stopped]", end="")
         print()
         messages.append({"role": "assistant", "content": reply})
         turn += 1
+
+
+def read_line() -> str | None:
+    """One line of stdin (None at end of input). Bytes that are not UTF-8 are replaced with U+FFFD,
+    and the user is told, rather than ending the session on a stray byte."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream (tests, an embedding program)
+        return sys.stdin.readline() or None
+    data = raw.readline()
+    if not data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        print("note: that line is not valid UTF-8; the bad bytes were replaced with U+FFFD", file=sys.stderr)
+        return data.decode("utf-8", errors="replace")

@@ -7,7 +7,8 @@
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
 
-The server binds to loopback unless --host says otherwise. The port opens at once: /health
+The server binds to loopback unless --host says otherwise. The port opens at once, before the
+model loads (a port in use, out of range or not allowed is one line and exit status 2): /health
 answers 503 while the model loads in a background thread, 200 after. The API key may also
 come from the NANOSEEK_API_KEY environment variable, which keeps it out of `ps`.
 """
@@ -15,9 +16,11 @@ come from the NANOSEEK_API_KEY environment variable, which keeps it out of `ps`.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -89,10 +92,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.tokenizer = a.tokenizer or a.model
     if not (a.tokenizer / "tokenizer.json").is_file():
         p.error(f"no tokenizer.json in {a.tokenizer} (pass --tokenizer DIR)")
-    for flag in ("max_batch_size", "max_queue", "max_model_len", "threads"):
-        if getattr(a, flag) is not None and getattr(a, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag, most in (("max_batch_size", 65536), ("max_queue", 2**31 - 1), ("max_model_len", 2**31 - 1),
+                       ("threads", 4096)):
+        value = getattr(a, flag)
+        if value is not None and not 1 <= value <= most:
+            p.error(f"--{flag.replace('_', '-')} must be an integer in [1, {most}], got {value}")
+    if not 1 <= a.port <= 65535:
+        p.error(f"--port must be in [1, 65535], got {a.port}")
     return a
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Open the listening socket now, so a port that cannot be had is a clear error before any
+    thread starts (uvicorn's own bind exits from deep inside, with the model loader running)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if isinstance(e, socket.gaierror):
+            why = f"--host {host}: not a known host name or address ({e.strerror})"
+        elif e.errno == errno.EADDRINUSE:
+            why = f"--port {port} is already in use on {host} (another server?); pick another --port"
+        elif e.errno == errno.EACCES:
+            why = f"--port {port}: permission denied (ports below 1024 need privileges); pick another --port"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            why = f"--host {host} is not an address of this machine"
+        else:
+            why = f"cannot listen on {host}:{port}: {e.strerror or e}"
+        raise OSError(why) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def load(a: argparse.Namespace, state: ServerState) -> None:
@@ -117,6 +149,11 @@ def load(a: argparse.Namespace, state: ServerState) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    try:
+        sock = bind(a.host, a.port)
+    except OSError as e:
+        print(f"nanoseek serve: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s:     %(message)s")
     if a.api_key is None and not _is_loopback(a.host):
         log.warning("binding %s without --api-key: anyone who can reach it can use it", a.host)
@@ -136,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.Thread(target=load_or_stop, name="nanoseek-load", daemon=True).start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         # uvicorn shuts down gracefully on SIGINT, then re-raises it: that is a normal stop.
         pass
