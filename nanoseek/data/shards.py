@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanoseek.atomic import write_atomic
 from nanoseek.data.corpus import DataError
 
 MAGIC = b"NSEEKTOK"
@@ -235,14 +236,4 @@ class TokenShards:
 
 def write_meta(path: str | os.PathLike, meta: dict) -> None:
     """meta.json, atomically (it is written last: its presence marks a finished prepare)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

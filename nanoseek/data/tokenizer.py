@@ -25,12 +25,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanoseek.atomic import write_atomic
 from nanoseek.data.corpus import DataError
 
 # Exactly the strings of DeepSeek-V3: fullwidth bar ｜ (U+FF5C) and ▁ (U+2581).
@@ -225,11 +225,11 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json into path."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path / "tokenizer.json", self.tk.to_str(pretty=True))
-        _write_atomic(path / "tokenizer_config.json", _dumps(self.config))
+        write_atomic(path / "tokenizer.json", self.tk.to_str(pretty=True))
+        write_atomic(path / "tokenizer_config.json", _dumps(self.config))
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token,
                    "pad_token": self.pad_token}
-        _write_atomic(path / "special_tokens_map.json", _dumps(special))
+        write_atomic(path / "special_tokens_map.json", _dumps(special))
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
@@ -396,16 +396,3 @@ def _token_content(value) -> str | None:
 
 def _dumps(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same dir and rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -32,9 +32,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from nanoseek.atomic import write_atomic
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.inference import Engine, RequestFailed, SamplingParams, chat_prompt
 
@@ -301,19 +301,6 @@ def input_file(a, model, tokenizer, prompts: list[tuple[int, str]]) -> int:
               f"(finish_reason \"error\" in the output)", file=sys.stderr)
         return 1
     return 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """All of `text` at `path`, or (on any failure) the file as it was."""
-    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def complete_all(engine: Engine, prompts: list[list[int]], params_list: list[SamplingParams]):
