@@ -14,6 +14,8 @@ The tests allow 0.1 (room for sampling noise), and also require the error to be 
 a layer that silently skips quantisation fails.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -217,3 +219,58 @@ def test_to_fp8_training_swaps_the_right_layers_and_keeps_the_state_dict():
     ids = torch.randint(0, 256, (2, 48))
     out, want = model(ids), ref(ids)
     assert REL_FLOOR / 10 < _rel(out.detach(), want.detach()) < REL_TOL
+
+
+# --- nanoseek train --precision fp8 ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from nanoseek.stages import prepare
+
+    out = tmp_path_factory.mktemp("data")
+    prepare.main(["--out", str(out), "--max-bytes", "300000", "--vocab-size", "384", "--seq-len", "32",
+                  "--val-fraction", "0.1"])
+    return out
+
+
+def _train(data, out, *flags):
+    from nanoseek.stages import train
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32,
+                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32,
+                 n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, num_nextn_predict_layers=1)
+    sets = [f"--set={k}={v}" for k, v in small.items()]
+    argv = ["--data", str(data), "--out", str(out), *sets, "--batch-size", "4", "--batch-start", "4", "--quiet",
+            "--eval-batches", "2", "--samples", "0", "--warmup-steps", "5", "--lr", "1e-2", "--eval-every", "0", *flags]
+    assert train.main(argv) == 0
+    from nanoseek.train.metrics import read_jsonl
+
+    return [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_fp8_training_tracks_fp32_and_checkpoints_stay_hf(data, tmp_path):
+    ref = _train(data, tmp_path / "fp32", "--steps", "30")
+    fp8 = _train(data, tmp_path / "fp8", "--steps", "30", "--precision", "fp8", "--adam-moments", "bf16")
+    assert all(r["precision"] == "fp8" for r in fp8) and all(r["precision"] == "fp32" for r in ref)
+    a, b = [r["loss"] for r in ref], [r["loss"] for r in fp8]
+    assert a[-1] < a[0] - 1.0 and b[-1] < b[0] - 1.0  # both learn
+    assert a[:1] != b[:1] or a[1] != b[1]  # FP8 really changed the numbers
+    late = [abs(x - y) / x for x, y in zip(a[-10:], b[-10:])]
+    assert sum(late) / len(late) < 0.02, late  # and they track the fp32 run
+    summary = json.loads((tmp_path / "fp8" / "summary.json").read_text())
+    assert summary["precision"] == "fp8" and summary["adam_moments"] == "bf16"
+    ckpt = tmp_path / "fp8" / "checkpoints" / "latest"
+    model = Transformer.from_pretrained(tmp_path / "fp8" / "checkpoints" / ckpt.read_text().strip())
+    assert model.layers[0].self_attn.q_a_proj.weight.dtype == torch.float32  # ordinary HF layout
+
+
+def test_fp8_training_resumes_bitwise(data, tmp_path):
+    from nanoseek.stages import train
+
+    flags = ["--steps", "8", "--precision", "fp8", "--adam-moments", "bf16"]
+    full = _train(data, tmp_path / "full", *flags)
+    _train(data, tmp_path / "split", *flags, "--stop-at", "4")
+    assert train.main(["--out", str(tmp_path / "split"), "--resume", "--quiet"]) == 0
+    from nanoseek.train.metrics import read_jsonl
+
+    split = [r for r in read_jsonl(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["loss"] for r in split] == [r["loss"] for r in full]

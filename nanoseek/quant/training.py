@@ -172,3 +172,46 @@ def to_fp8_training(model: nn.Module) -> nn.Module:
 def fp8_modules(model: nn.Module) -> int:
     """How many layers of `model` compute in FP8 (for logs and tests)."""
     return sum(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules())
+
+
+# --- optimizer with BF16 moments (report §3.3.3) ---------------------------------------------------------
+class AdamWBF16Moments(torch.optim.Optimizer):
+    """AdamW with fp32 master weights and gradients but both moments stored in BF16 (V3 §3.3.3:
+    "we adopt the BF16 data format instead of FP32 to track the first and second moments in the
+    AdamW optimizer, without incurring observable performance degradation"): half the optimizer
+    memory. Each step updates the moments in fp32, applies the update from those fp32 values and
+    stores them back rounded to BF16. Same hyper-parameters as torch.optim.AdamW (decoupled decay).
+    """
+
+    moment_dtype = torch.bfloat16
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                for key in ("exp_avg", "exp_avg_sq"):  # load_state_dict casts states to the param's dtype
+                    if state[key].dtype != self.moment_dtype:  # lossless: they were BF16 when saved
+                        state[key] = state[key].to(self.moment_dtype)
+                state["step"] += 1
+                t = state["step"].item()
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - b1)
+                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                p.mul_(1 - lr * wd)
+                denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+        return loss

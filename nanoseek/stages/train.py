@@ -28,6 +28,11 @@ OUT/report.md and PNG plots.
 Design choices:
 - fp32 on CPU (bf16 matmuls are two orders of magnitude slower there); bf16 autocast on GPU with
   fp32 master weights, fp32 losses and an fp32 balancing bias.
+- --precision fp8: V3's FP8 mixed precision (report §3.3; nanoseek/quant/training.py), applied to
+  the built model from outside: every Linear of attention and the FFNs and the routed experts run
+  their three GEMMs on E4M3 operands (1x128 activation tiles, 128x128 weight blocks); embedding,
+  head, gate, norms and the attention core keep --dtype. Checkpoints stay the ordinary fp32 HF
+  layout. --adam-moments bf16 keeps AdamW's moments in BF16 (§3.3.3).
 - A step whose loss or gradient norm is not finite is skipped (no update, no bias move) and
   counted; --max-nonfinite in a row stop the run without saving, so the last good checkpoint stays.
 - --resume restores the saved run's settings (schedule, batch, balancing, seed, cadences, retention)
@@ -71,6 +76,7 @@ from nanoseek.model.layers import MLP
 from nanoseek.model.indexer import set_sparse
 from nanoseek.model.mla import MLA
 from nanoseek.model.rope import extend_context
+from nanoseek.quant.training import AdamWBF16Moments, to_fp8_training
 from nanoseek.train import schedule as V3
 from nanoseek.train.balance import max_vio, update_bias
 from nanoseek.train.dsa import IndexerLoss, freeze_all_but_indexers
@@ -157,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: fp32 on CPU, bf16 autocast on GPU")
+    g.add_argument("--precision", default="default", choices=["default", "fp8"],
+                   help="fp8: FP8 GEMMs in the Linear layers and experts (V3 §3.3); default: --dtype throughout")
+    g.add_argument("--adam-moments", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of AdamW's two moments (V3 §3.3.3: bf16, half the optimizer memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile attention and dense FFNs")
     g.add_argument("--eval-every", type=int_in(0), default=100, help="validation every N steps (0: start and end only)")
     g.add_argument("--eval-batches", type=int_in(1), default=20, help="validation batches per evaluation")
@@ -269,6 +279,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         overrides.setdefault("torch_dtype", "bfloat16" if bf16 else "float32")
         torch.manual_seed(a.seed)
         model = Transformer(preset(a.preset, **overrides)).to(device)
+    if a.precision == "fp8":  # from outside the model: the same parameters, FP8 GEMMs
+        to_fp8_training(model)
+    precision = "fp8" if a.precision == "fp8" else "bf16" if bf16 else "fp32"
     model.train()
     if seq_len > model.args.max_position_embeddings:
         raise RunError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
@@ -289,10 +302,12 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
 
     # --- optimizer: weight decay on matrices only (norm gains stay undecayed, as in nanoGPT) ----------
     named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
-         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
-        lr=a.lr, betas=(a.beta1, a.beta2), fused=True)
+    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    if a.adam_moments == "bf16":
+        optimizer = AdamWBF16Moments(groups, lr=a.lr, betas=(a.beta1, a.beta2))
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), fused=True)
     if a.compile:
         # Compiled from outside the model: attention and the dense / shared-expert FFNs. The routed
         # experts stay eager: torch 2.13 traces grouped_mm in bf16 only. (On 2 CPU cores this buys
@@ -333,7 +348,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                      bias_gamma=a.bias_gamma, bias_freeze=a.bias_freeze)
     print(f"model: {a.preset} {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M "
           f"active), {len(model.mtp)} MTP module(s) | data: {train_shards.num_tokens:,} train tokens, seq_len "
-          f"{seq_len} | budget: {total_tokens:,} tokens | {device}, {'bf16 autocast' if bf16 else 'fp32'}, "
+          f"{seq_len} | budget: {total_tokens:,} tokens | {device}, {'bf16 autocast' if bf16 else 'fp32'}"
+          f"{', FP8 GEMMs' if precision == 'fp8' else ''}, "
           f"peak {peak / 1e9:.0f} GFLOP/s measured")
 
     def run_eval() -> dict:
@@ -416,7 +432,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                 rec = {"kind": "train", "step": step, "tokens": tokens, "loss": ce,
                        "mtp_loss": mtp if has_mtp else None, "balance_loss": bal, "lr": lr,
                        "mtp_lambda": lam if has_mtp else 0.0, "bias_gamma": gamma, "batch": batch,
-                       "grad_norm": grad_norm, "tok_per_s": tok_s, "mfu": tok_s * flops_tok / peak, "skipped": skipped}
+                       "grad_norm": grad_norm, "tok_per_s": tok_s, "mfu": tok_s * flops_tok / peak, "skipped": skipped,
+                       "precision": precision}
                 if dsa is not None:
                     rec.update(indexer_kl=kl, kept_mass=kept)
                 if counts is not None and len(counts):
@@ -483,7 +500,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         "preset": a.preset, "params": model.num_params(), "active_params": model.num_params(active=True),
         "steps": step, "tokens": tokens, "train_seconds": seconds, "tok_per_s": tokens / max(seconds, 1e-9),
         "mfu": tokens / max(seconds, 1e-9) * flops_tok / peak, "peak_flops": peak, "flops_per_token": flops_tok,
-        "nonfinite_steps": nonfinite, "stop_reason": stop_reason,
+        "nonfinite_steps": nonfinite, "stop_reason": stop_reason, "precision": precision,
+        "adam_moments": a.adam_moments,
         "initial_val_loss": first["val_loss"], "initial_val_bpb": first["val_bpb"],
         "final_val_loss": final["val_loss"], "final_val_bpb": final["val_bpb"],
         "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
