@@ -344,7 +344,7 @@ def test_interactive_ctrl_c_ends_cleanly_and_bad_bytes_are_replaced(model_dir):
 
 
 # --- serve: the port, tool calls ----------------------------------------------------------------
-def test_serve_port_in_use_is_one_line_exit_2(model_dir, capsys):
+def test_serve_port_in_use_is_one_line_exit_2(model_dir):
     # Catches: uvicorn's bind failure aborting the process ("terminate called...", exit 134).
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -352,9 +352,21 @@ def test_serve_port_in_use_is_one_line_exit_2(model_dir, capsys):
         port = busy.getsockname()[1]
         r = cli("serve", "--model", model_dir, "--port", port, timeout=120)
     one_line_error(r, f"--port {port} is already in use")
-    for flags, says in ((["--port", "70000"], "--port"), (["--port", "0"], "--port"),
-                        (["--max-batch-size", str(10**30)], "--max-batch-size")):
-        one_line_error(cli_in_process(capsys, "serve", "--model", model_dir, *flags), says)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--port", "70000"], "--port"), (["--port", "0"], "--port"), (["--max-batch-size", str(10**30)], "--max-batch-size"),
+    (["--threads", "-1"], "--threads"), (["--device", "tpu"], "--device"), (["--model", "{tmp}"], "--model"),
+    (["--model", "{broken}"], "config.json: not valid JSON"),
+])
+def test_serve_bad_values_are_one_line_exit_2(model_dir, tmp_path, capsys, flags, says):
+    # Catches: a bad flag or config.json found by the background loader after the port opened (exit 1).
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "config.json").write_text("{not json")
+    flags = [f.replace("{tmp}", str(tmp_path / "nowhere")).replace("{broken}", str(broken)) for f in flags]
+    one_line_error(cli_in_process(capsys, "serve", "--model", model_dir, *flags), says)
 
 
 def test_serve_keeps_tool_calls_or_refuses_them(model_dir):

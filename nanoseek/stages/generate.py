@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
 from nanoseek.atomic import write_atomic
+from nanoseek.cli import float_in, int_in
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.inference import Engine, RequestFailed, SamplingParams, chat_prompt
 
@@ -57,12 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--input-file", type=Path, help="one prompt per line; writes JSONL")
     mode.add_argument("--interactive", action="store_true", help="chat loop (/clear, /exit)")
     p.add_argument("--output", type=Path, help="JSONL output for --input-file (default: stdout)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int_in(1, 2**31 - 1), default=200)
+    p.add_argument("--temperature", type=float_in(0), default=0.2, help="0 = greedy")
+    p.add_argument("--top-p", type=float_in(0, 1, lo_open=True), default=1.0)
+    p.add_argument("--top-k", type=int_in(0, 2**31 - 1), default=0, help="0 = off")
+    p.add_argument("--min-p", type=float_in(0, 1, hi_open=True), default=0.0, help="0 = off")
+    p.add_argument("--seed", type=int_in(0, 2**62), default=None, help="(--input-file: line i gets seed + i)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="format prompts with the tokenizer's chat template (default on)")
@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile the decode step: --compile compiles at start (seconds from the disk "
                         "cache, tens of seconds cold), --no-compile never; default: once the job has run "
                         "eagerly for as long as compiling is known to take")
-    p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (--input-file)")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    p.add_argument("--batch-size", type=int_in(1, 65536), default=8, help="requests decoded together (--input-file)")
+    p.add_argument("--max-seq-len", type=int_in(2, 2**31 - 1), default=None,
                    help="cache length per request (default: what the prompts need, or "
                         f"{INTERACTIVE_MAX_SEQ_LEN} for --interactive; at most the model's context)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
@@ -90,20 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_flags(a) -> str | None:
-    """The first flag with a value out of its range, in the user's words (None: all fine)."""
-    big = 2**31
-    ints = [("--max-new-tokens", a.max_new_tokens, 1, big), ("--top-k", a.top_k, 0, big),
-            ("--batch-size", a.batch_size, 1, 65536), ("--seed", a.seed, 0, 2**63),
-            ("--max-seq-len", a.max_seq_len, 2, big)]
-    for flag, value, lo, hi in ints:
-        if value is not None and not lo <= value < hi:
-            return f"{flag} must be an integer in [{lo}, {hi if hi < 2**40 else '2**63'}), got {value}"
-    floats = [("--temperature", a.temperature, 0 <= a.temperature, ">= 0"),
-              ("--top-p", a.top_p, 0 < a.top_p <= 1, "in (0, 1]"),
-              ("--min-p", a.min_p, 0 <= a.min_p < 1, "in [0, 1)")]
-    for flag, value, ok, want in floats:
-        if not (math.isfinite(value) and ok):
-            return f"{flag} must be a number {want}, got {value}"
+    """What the flags' types cannot check, in the user's words (None: all fine)."""
     if any(not s for s in a.stop):
         return "--stop must not be empty"
     for flag, text in [("--prompt", a.prompt)] + [("--stop", s) for s in a.stop]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.cli import int_in
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
 from nanoseek.model.args import parse_overrides
 
@@ -29,10 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a ModelArgs / config.json field (JSON value), repeatable")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--tokenizer", type=Path, help="HF tokenizer directory to copy next to the model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_in(0), default=0)
     a = p.parse_args(argv)
-    if not 0 <= a.seed < 2**63:
-        p.error(f"--seed must be an integer in [0, 2**63), got {a.seed}")
     if a.out.exists() and not a.out.is_dir():
         p.error(f"--out {a.out} exists and is not a directory")
     try:

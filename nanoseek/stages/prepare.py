@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nanoseek.atomic import swap_into_place
+from nanoseek.cli import int_in
 from nanoseek.data.corpus import STDLIB_MAX_BYTES, DataError, read_corpus, stdlib_corpus
 from nanoseek.data.fim import encode_documents
 from nanoseek.data.shards import ShardWriter, split_documents, write_meta
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help=f"BPE vocabulary size, special tokens included "
                              f"(default {DEFAULT_VOCAB_SIZE}; only with --tokenizer bpe)")
-    parser.add_argument("--seq-len", type=int, default=256,
+    parser.add_argument("--seq-len", type=int_in(1, 2**31 - 1), default=256,
                         help="training sequence length; recorded in meta.json and checked "
                              "against the split sizes (default 256)")
     parser.add_argument("--val-fraction", type=float, default=0.01,
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fim-rate", type=float, default=0.1,
                         help="fraction of train documents rearranged for fill-in-the-middle "
                              "(default 0.1, as DeepSeek-V3)")
-    parser.add_argument("--seed", type=int, default=0, help="split and FIM seed (default 0)")
+    parser.add_argument("--seed", type=int_in(0), default=0, help="split and FIM seed (default 0)")
     parser.add_argument("--max-docs", type=int, default=None,
                         help="stop reading after this many documents")
     parser.add_argument("--max-bytes", type=int, default=None,
@@ -79,15 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-field", default="text",
                         help="field holding the text in .jsonl/.parquet (default 'text')")
     args = parser.parse_args(argv)
-    if not 1 <= args.seq_len < 2**31:
-        parser.error(f"--seq-len must be an integer in [1, 2**31), got {args.seq_len}")
-    if not 0 <= args.seed < 2**63:
-        parser.error(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if args.vocab_size is not None and args.tokenizer != "bpe":
         parser.error("--vocab-size only applies to --tokenizer bpe")
     if args.vocab_size is not None and not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
-        parser.error(f"--vocab-size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (256 byte tokens and "
-                     f"the special tokens need {MIN_VOCAB_SIZE - 1}), got {args.vocab_size}")
+        parser.error(f"argument --vocab-size: must be an integer in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (the "
+                     f"256 byte tokens and the special tokens need {MIN_VOCAB_SIZE - 1}), got {args.vocab_size}")
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if not 0 <= args.fim_rate <= 1:

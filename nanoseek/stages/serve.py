@@ -30,10 +30,11 @@ import torch
 import uvicorn
 
 from nanoseek.checkpoint import CheckpointError, resolve_model_dir
-from nanoseek.data import Tokenizer
+from nanoseek.cli import int_in
+from nanoseek.data import DataError, Tokenizer
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.inference import Engine
-from nanoseek.model import Transformer
+from nanoseek.model import ConfigError, ModelArgs, Transformer
 from nanoseek.serve import ServerState, create_app
 from nanoseek.serve.app import REASONING_PARSERS
 
@@ -49,16 +50,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer directory (default: the model directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(1, 65535), default=8000)
     p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (or NANOSEEK_API_KEY)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: the model directory's name)")
-    p.add_argument("--max-batch-size", type=int, default=16,
+    p.add_argument("--max-batch-size", type=int_in(1, 65536), default=16,
                    help="sequences decoded together (engine slots, default 16)")
-    p.add_argument("--max-queue", type=int, default=128,
+    p.add_argument("--max-queue", type=int_in(1, 2**31 - 1), default=128,
                    help="sequences allowed to wait for a slot; more get a 503 (default 128)")
-    p.add_argument("--max-model-len", type=int, default=4096,
+    p.add_argument("--max-model-len", type=int_in(2, 2**31 - 1), default=4096,
                    help="context length: prompt + completion, capped by the model's "
                         "max_position_embeddings (default 4096); sizes the KV cache")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: float32 on CPU, the checkpoint's otherwise); fp8 keeps the "
                         "FP8 layers as FP8 + block scales in memory, dequantised per matmul")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_in(1, 4096), default=None,
                    help="torch intra-op threads on CPU (default: torch's, one per core); 1 is "
                         "fastest for tiny models and on a busy machine")
     p.add_argument("--speculative", choices=["auto", "mtp", "off"], default="auto",
@@ -92,13 +93,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.tokenizer = a.tokenizer or a.model
     if not (a.tokenizer / "tokenizer.json").is_file():
         p.error(f"no tokenizer.json in {a.tokenizer} (pass --tokenizer DIR)")
-    for flag, most in (("max_batch_size", 65536), ("max_queue", 2**31 - 1), ("max_model_len", 2**31 - 1),
-                       ("threads", 4096)):
-        value = getattr(a, flag)
-        if value is not None and not 1 <= value <= most:
-            p.error(f"--{flag.replace('_', '-')} must be an integer in [1, {most}], got {value}")
-    if not 1 <= a.port <= 65535:
-        p.error(f"--port must be in [1, 65535], got {a.port}")
+    # The files a user can get wrong are read now, so they are one line and exit 2, not a failed
+    # load in the background after the port opened. (The weights are checked as they load.)
+    try:
+        args = ModelArgs.from_json(a.model / "config.json")
+        a.tokenizer = Tokenizer.from_dir(a.tokenizer)
+    except (ConfigError, DataError, OSError) as e:
+        p.error(str(e))
+    if a.tokenizer.vocab_size > args.vocab_size:
+        p.error(f"the tokenizer has {a.tokenizer.vocab_size} ids but the model's vocab_size is {args.vocab_size}")
     return a
 
 
@@ -132,11 +135,8 @@ def load(a: argparse.Namespace, state: ServerState) -> None:
     t0 = time.perf_counter()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
-    tokenizer = Tokenizer.from_dir(a.tokenizer)
+    tokenizer = a.tokenizer  # read and checked against config.json by parse_args
     model = Transformer.from_pretrained(a.model, dtype=DTYPES.get(a.dtype), device=a.device)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
-                         f"vocabulary only {model.args.vocab_size}")
     max_len = min(a.max_model_len, model.args.max_position_embeddings)
     engine = Engine(model, max_batch_size=a.max_batch_size, max_seq_len=max_len,
                     tokenizer=tokenizer, compile=a.compile,
