@@ -32,7 +32,9 @@ def tiny(seed=0, **overrides) -> Transformer:
 def agreeable(depth: int) -> Transformer:
     """A tiny model whose MTP modules often agree with it: a large embedding makes the main model
     nearly a bigram model, and each MTP module's eh_proj mostly passes the next token's embedding
-    through (its random hidden-state half stays, so drafts do depend on the carried hidden states)."""
+    through (its random hidden-state half stays, so drafts do depend on the carried hidden states).
+    Its attention values and output are scaled up so that what the MTP layers read from their caches
+    visibly moves the draft logits (at init scale a stale cache row changes them by ~1e-6)."""
     model = tiny(num_nextn_predict_layers=depth)
     H = model.args.hidden_size
     with torch.no_grad():
@@ -40,6 +42,8 @@ def agreeable(depth: int) -> Transformer:
         for module in model.mtp:
             module.eh_proj.weight[:, :H] = torch.eye(H)
             module.eh_proj.weight[:, H:] *= 0.5
+            module.self_attn.kv_b_proj.weight.mul_(5.0)
+            module.self_attn.o_proj.weight.mul_(5.0)
     return model
 
 
@@ -223,29 +227,93 @@ def test_speculative_greedy_is_plain_greedy(depth):
     assert outs == engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
 
 
+def check_drafts(monkeypatch, model) -> list[int]:
+    """Make every draft be checked against the uncached MTP forward over the committed tokens (plus
+    the earlier drafts): the draft logits to 1e-4 (so a stale MTP cache row shows even where the
+    argmax survives it) and greedy drafts equal to its argmax. Returns the list that records the
+    depth of each draft checked."""
+    checked = []
+    real_draft = spec.draft
+
+    def checking_draft(mtp_step, prev, tokens, positions, newest, mtp_cache, reqs, **kw):
+        seen = {}
+
+        def step(k, *args, **kwargs):
+            logits, h = mtp_step(k, *args, **kwargs)
+            seen[k] = logits[:, -1].float()
+            return logits, h
+
+        drafts, qs = real_draft(step, prev, tokens, positions, newest, mtp_cache, reqs, **kw)
+        for i, (req, d) in enumerate(zip(reqs, drafts.tolist())):
+            seq = req.prompt + req.tokens
+            M = len(seq) - 1
+            for k in range(1, len(d) + 1):
+                want = model.run(torch.tensor([seq + d[: k - 1]]), mtp=True).mtp_logits[k - 1][0, M - 1]
+                torch.testing.assert_close(seen[k][i], want, atol=1e-4, rtol=1e-4)
+                if req.params.greedy:
+                    assert int(want.argmax()) == d[k - 1]
+                checked.append(k)
+        return drafts, qs
+
+    monkeypatch.setattr(spec, "draft", checking_draft)
+    return checked
+
+
 def test_speculative_drafts_equal_uncached_mtp(monkeypatch):
     """The MTP caches are kept right across accepted and rejected drafts: every draft equals the
     argmax of the uncached MTP forward over the committed tokens (plus the earlier drafts)."""
     model = agreeable(2)
     engine = Engine(model, max_batch_size=2, max_seq_len=96, speculative="mtp")
-    checked = []
-    real_draft = spec.draft
-
-    def checking_draft(mtp_step, prev, tokens, positions, newest, mtp_cache, reqs, **kw):
-        drafts, qs = real_draft(mtp_step, prev, tokens, positions, newest, mtp_cache, reqs, **kw)
-        for req, d in zip(reqs, drafts.tolist()):
-            seq = req.prompt + req.tokens
-            M = len(seq) - 1
-            for k in (1, 2):
-                out = model.run(torch.tensor([seq + d[: k - 1]]), mtp=True)
-                assert int(out.mtp_logits[k - 1][0, M - 1].argmax()) == d[k - 1]
-                checked.append(k)
-        return drafts, qs
-
-    monkeypatch.setattr(spec, "draft", checking_draft)
+    checked = check_drafts(monkeypatch, model)
     params = [SamplingParams(max_new_tokens=25, ignore_eos=True) for _ in range(2)]
     run_all(engine, [PROMPTS[1], PROMPTS[4]], params)
     assert engine.stats["accepted"] > 5 and len(checked) > 40
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_chunked_prefill_matches_full_forward(speculative, monkeypatch):
+    """Prompts longer than prefill_chunk are prefilled in several chunks (each attending over the
+    latents cached before it): greedy tokens and logprobs equal the uncached forward's, for long
+    prompts (chunked alone, one ending exactly on a chunk boundary) next to short ones prefilled as
+    a padded group. In speculative mode the MTP caches are filled chunk by chunk too: every draft
+    must equal the uncached MTP forward's."""
+    model = agreeable(2)
+    checked = check_drafts(monkeypatch, model) if speculative else []
+    engine = Engine(model, max_batch_size=4, max_seq_len=64, prefill_chunk=8, speculative=speculative)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 4096, (n,), generator=g).tolist() for n in (27, 16, 4, 3)]
+    n = 10
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=4) for _ in prompts]
+    for prompt, events in zip(prompts, run_all(engine, prompts, params)):
+        tokens, logps = reference(model, prompt, n)
+        assert [ev.token_id for ev in events] == tokens
+        for step, ev in enumerate(events):
+            assert ev.logprob == pytest.approx(float(logps[step][tokens[step]]), abs=2e-5)
+            assert [t for t, _ in ev.top_logprobs] == logps[step].topk(4).indices.tolist()
+    if speculative:
+        assert engine.stats["accepted"] > 3 and len(checked) > 20
+
+
+@pytest.mark.parametrize("layout", [
+    dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+                       "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 0.7}),
+    dict(rope_interleave=False),
+], ids=["yarn", "rope_halves"])
+def test_cached_engine_with_yarn_and_half_split_rope(layout):
+    """The cached engine (chunked naive prefill, absorbed decode) against the uncached forward with
+    YaRN active well past the original context of 16 (and mscale != mscale_all_dim, so the
+    cos/sin scale is not 1), and with the half-split RoPE layout. The uncached forward of both
+    is checked against transformers in test_model_parity.py."""
+    model = tiny(7, **layout)
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, prefill_chunk=16)
+    prompts = [list(range(100, 130)), [5, 17, 99]]
+    n = 20
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=4) for _ in prompts]
+    for prompt, events in zip(prompts, run_all(engine, prompts, params)):
+        tokens, logps = reference(model, prompt, n)
+        assert [ev.token_id for ev in events] == tokens
+        for step, ev in enumerate(events):
+            assert ev.logprob == pytest.approx(float(logps[step][tokens[step]]), abs=2e-5)
 
 
 def _chi2_critical(dof: int, z: float = 3.09) -> float:

@@ -163,3 +163,36 @@ def test_grouped_experts_match_per_expert_loop():
             g, u = experts.gate_up_proj[e, :I], experts.gate_up_proj[e, I:]
             ref[t] += w[t, j] * (experts.down_proj[e] @ (torch.nn.functional.silu(g @ x[t]) * (u @ x[t])))
     assert torch.allclose(experts(x, idx, w), ref, atol=1e-5)
+
+
+def rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@torch.no_grad()
+def test_mtp_modules_follow_the_spec_formula():
+    """SPEC §1, written out here: depth k at position i computes
+    h^k_i = Block(eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])) with h^0 the main model's final
+    (normed) hidden state, and its logits are lm_head(shared_head.norm(h^k_i)). Every MTP weight is
+    random (norm gains too), so swapping enorm/hnorm or the concatenation order, feeding Emb(t_{i+k-1}),
+    chaining depth 2 from h^0 instead of h^1, or skipping shared_head.norm all change the logits."""
+    from nanoseek.model.transformer import Block
+
+    args = preset("tiny", num_nextn_predict_layers=2, vocab_size=64, num_hidden_layers=2)
+    model = Transformer(args).eval()
+    for name, p in model.mtp.named_parameters():
+        p.copy_(torch.randn_like(p) * (0.3 if name.endswith("norm.weight") else 0.05)
+                + (1.0 if name.endswith("norm.weight") else 0.0))
+    B, T = 2, 11
+    ids = torch.randint(0, 64, (B, T))
+    out = model.run(ids, mtp=True)
+    cos, sin = model.rope(torch.arange(T).expand(B, T))
+    eps = args.rms_norm_eps
+    prev = out.hidden  # h^0: the main model's final normed hidden state
+    for k, module in enumerate(model.mtp, start=1):
+        emb = model.embed_tokens.weight[ids[:, k:]]  # Emb(t_{i+k}) for i = 0 .. T-k-1
+        merged = torch.cat([rms(emb, module.enorm.weight, eps),
+                            rms(prev[:, : T - k], module.hnorm.weight, eps)], dim=-1) @ module.eh_proj.weight.T
+        prev, _ = Block.forward(module, merged, cos[:, : T - k], sin[:, : T - k])
+        logits = rms(prev, module.shared_head.norm.weight, eps) @ model.lm_head.weight.T
+        torch.testing.assert_close(out.mtp_logits[k - 1], logits, atol=1e-5, rtol=1e-5)

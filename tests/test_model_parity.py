@@ -2,7 +2,8 @@
 
 Together the configs cover: q-LoRA on/off, sigmoid and softmax gates, n_group > 1, every
 topk_method, norm_topk_prob on/off, YaRN active (sequence longer than the original context),
-several dense layers, and an MTP module in the checkpoint.
+several dense layers, an MTP module in the checkpoint, and both RoPE layouts (interleaved pairs, the
+checkpoints' default, and rope_interleave=False halves).
 """
 
 import json
@@ -33,6 +34,9 @@ V3_CASES = {
     "v3_yarn_mscale_differs": dict(q_lora_rank=24, n_group=2, topk_group=1, norm_topk_prob=True,
                                    first_k_dense_replace=0, n_shared_experts=1, routed_scaling_factor=1.0,
                                    rope_scaling=dict(YARN, factor=8.0, mscale=0.9, mscale_all_dim=0.7)),
+    # the half-split (rotate_half) RoPE layout that transformers selects with rope_interleave=False
+    "v3_rope_halves": dict(q_lora_rank=20, n_group=2, topk_group=1, norm_topk_prob=True, first_k_dense_replace=1,
+                           n_shared_experts=1, routed_scaling_factor=2.5, rope_interleave=False),
 }
 V2_CASES = {
     "v2_lite_greedy": dict(model_type="deepseek_v2", q_lora_rank=None, topk_method="greedy", scoring_func="softmax",

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek.data import Tokenizer, train_bpe
 from nanoseek.model import Transformer, preset
@@ -103,6 +104,74 @@ def test_training_loss_has_finite_mtp_term():
     assert parts.counts.shape == (2, 4) and parts.counts.sum().item() == 2 * 2 * (16 + 15)
     parts.total.backward()
     assert all(p.grad is not None for p in model.mtp.parameters())
+
+
+def test_training_loss_equals_independent_cross_entropies():
+    """L = CE(next token) + λ · mean_k CE_k, where MTP depth k at input position i is trained on the
+    token k + 1 places ahead, ids[i + k + 1] (SPEC §1), written out here from the raw ids to fp32
+    precision with two depths (so a sum over depths, or depth k trained on the next token, shows)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **{**SMALL, "num_nextn_predict_layers": 2}))
+    B, T = 3, 12
+    ids = torch.randint(0, model.args.vocab_size, (B, T + 1))
+    parts = training_loss(model, ids[:, :-1], ids[:, 1:], mtp_lambda=0.3)
+    with torch.no_grad():
+        out = model.run(ids[:, :-1], mtp=True)
+    ce = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+    depth_ce = []
+    for k, logits in enumerate(out.mtp_logits, start=1):
+        assert logits.shape[1] == T - k
+        target = torch.stack([ids[:, i + k + 1] for i in range(T - k)], dim=1)
+        depth_ce.append(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
+    assert parts.ce.item() == pytest.approx(ce.item(), rel=1e-5)
+    assert parts.mtp.item() == pytest.approx(sum(depth_ce).item() / 2, rel=1e-5)
+    assert parts.total.item() == pytest.approx(ce.item() + 0.3 * sum(depth_ce).item() / 2, rel=1e-5)
+
+
+def f_p(indices, scores, E, K):
+    """Σ_i f_i P_i over one group of tokens (SPEC §1), with explicit loops over experts."""
+    T = indices.shape[0]
+    total = 0.0
+    for i in range(E):
+        f = E / (K * T) * (indices == i).any(dim=-1).sum().item()
+        P = (scores[:, i] / scores.sum(dim=-1)).mean().item()
+        total += f * P
+    return total
+
+
+def test_sequence_wise_and_batch_wide_balance_losses_differ_by_the_known_factor():
+    """Two sequences with opposite routing: each alone is fully imbalanced (all tokens on experts
+    {0,1}, or all on {2,3}), the batch as a whole is perfectly balanced. With the chosen experts'
+    scores a and the others' b: sequence-wise L = 2a/(a+b) per layer, batch-wide L = 1."""
+    from nanoseek.model import Routing
+
+    E, K, B, T, a, b = 4, 2, 2, 6, 0.9, 0.1
+    idx = torch.tensor([[0, 1]] * T + [[2, 3]] * T)
+    scores = torch.tensor([[a, a, b, b]] * T + [[b, b, a, a]] * T)
+    routing = [Routing(idx, scores), Routing(idx, scores)]  # two layers: the losses add up
+    assert balance_loss(routing, B, K, per_sequence=True).item() == pytest.approx(2 * 2 * a / (a + b))
+    assert balance_loss(routing, B, K, per_sequence=False).item() == pytest.approx(2 * 1.0)
+
+
+def test_training_loss_balance_terms_use_the_model_routing():
+    """parts.balance = α_seq · (mean over sequences of Σ f·P) + α_aux · (Σ f·P over the whole batch),
+    summed over MoE layers (the MTP layer's rows included), computed here with explicit loops."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **SMALL))
+    B, T = 3, 10
+    ids = torch.randint(0, model.args.vocab_size, (B, T + 1))
+    with torch.no_grad():
+        routing = model.run(ids[:, :-1], mtp=True).routing
+    E, K = model.args.n_routed_experts, model.args.num_experts_per_tok
+    seq = sum(sum(f_p(r.indices.view(B, -1, K)[s], r.scores.view(B, -1, E)[s], E, K) for s in range(B)) / B
+              for r in routing)
+    batch = sum(f_p(r.indices, r.scores, E, K) for r in routing)
+    assert abs(seq - batch) > 1e-3  # random routing: the two differ, so a swapped flag shows
+    for seq_alpha, aux_alpha in ((0.5, 0.0), (0.0, 0.25), (0.5, 0.25)):
+        parts = training_loss(model, ids[:, :-1], ids[:, 1:], 0.3, seq_alpha=seq_alpha, aux_alpha=aux_alpha)
+        assert parts.balance.item() == pytest.approx(seq_alpha * seq + aux_alpha * batch, rel=1e-5)
+        assert parts.total.item() == pytest.approx(parts.ce.item() + 0.3 * parts.mtp.item() + parts.balance.item(),
+                                                   rel=1e-6)
 
 
 def test_checkpoint_roundtrip_is_atomic_and_keeps_last(tmp_path):
