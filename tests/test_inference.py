@@ -2,6 +2,7 @@
 against naive, continuous batching, seeds, MTP speculative decoding (greedy identity, MTP cache
 upkeep, the sampling distribution), stop conditions, text streaming and chat helpers."""
 
+import itertools
 import json
 import math
 import random
@@ -29,13 +30,13 @@ def tiny(seed=0, **overrides) -> Transformer:
     return Transformer(preset("tiny", max_position_embeddings=256, **overrides)).eval()
 
 
-def agreeable(depth: int) -> Transformer:
+def agreeable(depth: int, seed: int = 0, **overrides) -> Transformer:
     """A tiny model whose MTP modules often agree with it: a large embedding makes the main model
     nearly a bigram model, and each MTP module's eh_proj mostly passes the next token's embedding
     through (its random hidden-state half stays, so drafts do depend on the carried hidden states).
     Its attention values and output are scaled up so that what the MTP layers read from their caches
     visibly moves the draft logits (at init scale a stale cache row changes them by ~1e-6)."""
-    model = tiny(num_nextn_predict_layers=depth)
+    model = tiny(seed, num_nextn_predict_layers=depth, **overrides)
     H = model.args.hidden_size
     with torch.no_grad():
         model.embed_tokens.weight.mul_(3.0)
@@ -322,31 +323,53 @@ def _chi2_critical(dof: int, z: float = 3.09) -> float:
 
 
 @torch.no_grad()
-def test_speculative_sampling_keeps_the_distribution():
-    """On an 8-token vocabulary, the joint law of the 2nd and 3rd sampled tokens (produced by
-    draft acceptance, rejection + residual, or the bonus token) equals plain sampling's, computed
-    exactly from the model; a chi-square test at p = 0.001 with fixed seeds."""
+def exact_last_two(model, prompt, sp, n, V) -> torch.Tensor:
+    """The exact law of plain sampling's last two of n new tokens: [V, V], from every prefix."""
+    prefixes = torch.tensor(list(itertools.product(range(V), repeat=n - 1)))  # t_1 .. t_{n-1}
+    seqs = torch.cat([torch.tensor(prompt).expand(len(prefixes), -1), prefixes], dim=1)
+    logits = model(seqs)[:, len(prompt) - 1 :]  # [N, n, V]: the law of t_{j+1} given t_1..t_j
+    p = probabilities(logits.reshape(-1, V), [sp] * logits.shape[0] * n).view(-1, n, V)
+    weight = torch.ones(len(prefixes))  # P(t_1 .. t_{n-1})
+    for j in range(n - 1):
+        weight = weight * p[:, j].gather(1, prefixes[:, j : j + 1]).squeeze(1)
+    return torch.zeros(V, V).index_add_(0, prefixes[:, -1], weight[:, None] * p[:, -1])
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@torch.no_grad()
+def test_speculative_sampling_keeps_the_distribution(depth, monkeypatch):
+    """On an 8-token vocabulary, the joint law of the last two of depth + 2 sampled tokens equals
+    plain sampling's, computed exactly from the model; a chi-square test at p = 0.001 with fixed
+    seeds. The first speculative step makes tokens 2 .. depth + 2, so the pair is produced by draft
+    acceptance, rejection + residual, and the bonus token drawn when every draft is kept (or by the
+    next step): all three paths, each seen running."""
     torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=8, initializer_range=0.1, num_nextn_predict_layers=2,
+    model = Transformer(preset("tiny", vocab_size=8, initializer_range=0.1, num_nextn_predict_layers=depth,
                                max_position_embeddings=32)).eval()
-    sp = SamplingParams(temperature=0.9, top_k=6, max_new_tokens=3, ignore_eos=True)
+    sp = SamplingParams(temperature=0.9, top_k=6, max_new_tokens=depth + 2, ignore_eos=True)
     prompt = [3, 1, 4]
     V = 8
-    # exact: P(t2=a, t3=b) = sum_t1 P(t1) P(a | t1) P(b | t1, a)
-    seqs = torch.tensor([prompt + [t1, a] for t1 in range(V) for a in range(V)])
-    logits = model(seqs)[:, -3:]
-    p = probabilities(logits.reshape(-1, V), [sp] * logits.shape[0] * 3).view(V, V, 3, V)
-    p1, p2, p3 = p[0, 0, 0], p[:, 0, 1], p[:, :, 2]  # [t1], [t1, a], [t1, a, b]
-    exact = torch.einsum("t,ta,tab->ab", p1, p2, p3).flatten()
+    exact = exact_last_two(model, prompt, sp, depth + 2, V).flatten()
+    kept_lengths = []
+    real_accept = spec.accept
+
+    def counting_accept(logits, drafts, qs, reqs):
+        out = real_accept(logits, drafts, qs, reqs)
+        kept_lengths.extend(len(new) for new in out)
+        return out
+
+    monkeypatch.setattr(spec, "accept", counting_accept)
     engine = Engine(model, max_batch_size=64, max_seq_len=16, speculative="mtp")
-    N = 4000
+    N = 2500
     outs = []
     for start in range(0, N, 64):
         n = min(64, N - start)
         params = [SamplingParams(**{**sp.__dict__, "seed": start + i}) for i in range(n)]
         outs += [[e.token_id for e in evs] for evs in run_all(engine, [prompt] * n, params)]
     assert 0.2 < engine.stats["acceptance_rate"] < 0.95  # both the accept and the reject paths ran
-    pairs = torch.tensor([o[1] * V + o[2] for o in outs])
+    bonus = sum(k == depth + 1 for k in kept_lengths)  # every draft kept, then the bonus token
+    assert bonus > 0.1 * N, bonus
+    pairs = torch.tensor([o[-2] * V + o[-1] for o in outs])
     counts = torch.bincount(pairs, minlength=V * V).double()
     expected = exact.double() * N
     assert counts[expected == 0].sum() == 0  # nothing outside the truncated support
@@ -364,21 +387,51 @@ def tokenizer():
     return train_bpe(texts, vocab_size=400)
 
 
-def test_eos_max_new_tokens_and_stop_ids():
-    model = tiny(5)
-    base = reference(model, PROMPTS[0], 10)[0]
-    eos = base[4]
-    first = base.index(eos)
-    model.args = model.args.replace(eos_token_id=eos)
+def accepted_windows(monkeypatch, engine, prompt, n) -> tuple[list[int], set[int]]:
+    """Greedy speculative decoding of one prompt, ignoring EOS: (tokens, indices of the tokens that
+    were followed by another token of the same verify step), the places where a stop must cut an
+    accepted window short."""
+    windows = []
+    real_accept = spec.accept
+
+    def recording_accept(*args):
+        out = real_accept(*args)
+        windows.extend(out)
+        return out
+
+    monkeypatch.setattr(spec, "accept", recording_accept)
+    tokens = engine.generate([prompt], max_new_tokens=n, ignore_eos=True, speculative="mtp")[0]
+    monkeypatch.undo()
+    inner, index = set(), 1  # token 0 comes from the prefill
+    for w in windows:
+        inner |= {index + j for j in range(len(w) - 1)}
+        index += len(w)
+    return tokens, {i for i in inner if i < len(tokens) - 1}
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_eos_max_new_tokens_and_stop_ids(speculative, monkeypatch):
+    """EOS, a stop id and the length limit, each falling inside an accepted speculative window: the
+    stop token is the last one returned, whether decoding is plain or speculative."""
+    model = agreeable(2, seed=5)
+    base, inner = accepted_windows(monkeypatch, Engine(model, max_batch_size=2, max_seq_len=64), PROMPTS[0], 30)
+    assert base == reference(model, PROMPTS[0], 30)[0]
+    at = next(i for i in sorted(inner) if base.index(base[i]) == i)  # a first occurrence mid-window
+    stop = base[at]
     engine = Engine(model, max_batch_size=2, max_seq_len=64)
-    events = list(engine.stream(PROMPTS[0], max_new_tokens=10))
-    assert [e.token_id for e in events] == base[: first + 1]  # the EOS is the last token returned
-    assert events[-1].finish_reason == "stop"
-    assert engine.generate([PROMPTS[0]], max_new_tokens=10, ignore_eos=True)[0] == base
-    assert engine.generate([PROMPTS[0]], max_new_tokens=3, ignore_eos=True)[0] == base[:3]
-    stop_at = base[6]
-    out = engine.generate([PROMPTS[0]], max_new_tokens=10, ignore_eos=True, stop_token_ids=[stop_at])[0]
-    assert out == base[: base.index(stop_at) + 1]
+    assert engine.generate([PROMPTS[0]], max_new_tokens=30, ignore_eos=True, speculative=speculative)[0] == base
+    out = engine.generate([PROMPTS[0]], max_new_tokens=30, ignore_eos=True, stop_token_ids=[stop],
+                          speculative=speculative)[0]
+    assert out == base[: at + 1]
+    events = list(engine.stream(PROMPTS[0], max_new_tokens=at + 1, ignore_eos=True, speculative=speculative))
+    assert [e.token_id for e in events] == base[: at + 1] and events[-1].finish_reason == "length"
+    assert not any(e.finished for e in events[:-1])
+    model.args = model.args.replace(eos_token_id=stop)
+    engine = Engine(model, max_batch_size=2, max_seq_len=64)
+    events = list(engine.stream(PROMPTS[0], max_new_tokens=30, speculative=speculative))
+    assert [e.token_id for e in events] == base[: at + 1]  # the EOS is the last token returned
+    assert events[-1].finish_reason == "stop" and not any(e.finished for e in events[:-1])
+    assert engine.generate([PROMPTS[0]], max_new_tokens=30, ignore_eos=True, speculative=speculative)[0] == base
 
 
 def test_text_stream_holds_back_and_cuts_stop_strings(tokenizer):
@@ -405,26 +458,37 @@ def test_text_stream_holds_back_and_cuts_stop_strings(tokenizer):
     assert "".join(out) == "你好 wörld" and all("\ufffd" not in o for o in out)
 
 
-def test_engine_stop_strings_and_text_deltas(tokenizer):
-    model = tiny(6, vocab_size=tokenizer.vocab_size)
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_engine_stop_strings_and_text_deltas(tokenizer, speculative, monkeypatch):
+    """A stop string spanning several tokens, starting inside one of them and completed by a token
+    that speculative decoding accepts mid-window: generation ends at that token, in both modes, and
+    the text stops right before the stop string."""
+    model = agreeable(2, seed=6, vocab_size=tokenizer.vocab_size)
     engine = Engine(model, max_batch_size=2, max_seq_len=64, tokenizer=tokenizer)
     prompt = tokenizer.encode("the quick", add_bos=True)
-    full = list(engine.stream(prompt, max_new_tokens=20, ignore_eos=True))
-    ids = [e.token_id for e in full]
+    ids, inner = accepted_windows(monkeypatch, engine, prompt, 30)
+    full = list(engine.stream(prompt, max_new_tokens=30, ignore_eos=True, speculative=speculative))
+    assert [e.token_id for e in full] == ids
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert "".join(e.text for e in full) == text
-    # a stop string spanning several tokens, starting inside one of them
-    k = next(i for i in range(3, 20) if len(tokenizer.decode(ids[:i], skip_special_tokens=True)) > 6)
-    prefix = tokenizer.decode(ids[: k - 2], skip_special_tokens=True)
-    stop = text[len(prefix) - 2 : len(prefix) + 4]
+
+    def completes_at(stop):  # index of the token whose text completes the first occurrence of stop
+        return next(n for n in range(len(ids) + 1) if stop in tokenizer.decode(ids[:n], skip_special_tokens=True)) - 1
+
+    candidates = []
+    for k in range(3, 28):
+        prefix = tokenizer.decode(ids[: k - 2], skip_special_tokens=True)
+        stop = text[len(prefix) - 2 : len(prefix) + 4]
+        if len(prefix) > 6 and len(stop) == 6 and completes_at(stop) in inner:
+            candidates.append(stop)
+    stop = candidates[0]
     cut = text.index(stop)
-    events = list(engine.stream(prompt, max_new_tokens=20, ignore_eos=True, stop=["\x00never", stop]))
-    assert events[-1].finish_reason == "stop"
+    events = list(engine.stream(prompt, max_new_tokens=30, ignore_eos=True, stop=["\x00never", stop],
+                                speculative=speculative))
+    assert events[-1].finish_reason == "stop" and not any(e.finished for e in events[:-1])
     assert "".join(e.text for e in events) == text[:cut]
     n = len(events)  # generation ends at the token that completes the stop string
-    assert ids[:n] == [e.token_id for e in events]
-    assert stop in tokenizer.decode(ids[:n], skip_special_tokens=True)
-    assert stop not in tokenizer.decode(ids[: n - 1], skip_special_tokens=True)
+    assert n == completes_at(stop) + 1 and [e.token_id for e in events] == ids[:n]
     with pytest.raises(ValueError, match="tokenizer"):
         Engine(model, max_batch_size=1, max_seq_len=32).add_request(prompt, SamplingParams(stop=["x"], max_new_tokens=4))
 
@@ -475,6 +539,32 @@ def test_compiled_decode_matches_eager():
     assert compiled.generate(prompts[:1], max_new_tokens=8, ignore_eos=True) == want[:1]
     # warmup compiled the batch-1 and batch-2 graphs: no compiling during real requests
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0
+
+
+def test_compiled_speculative_decoding_matches_eager(monkeypatch):
+    """Speculative decoding through the torch.compile'd verify forward and MTP draft step: the
+    plain greedy tokens and logprobs, and every draft equal to the uncached MTP forward's (so a
+    cache write lost inside a compiled graph shows, in the main cache or the MTP one). Batch 1
+    only: every graph compiled costs seconds."""
+    model = agreeable(1, num_hidden_layers=2)
+    eager = Engine(model, max_batch_size=1, max_seq_len=40)
+    plain = list(eager.stream(PROMPTS[1], max_new_tokens=12, ignore_eos=True, logprobs=2))
+    compiled = Engine(model, max_batch_size=1, max_seq_len=40, compile=True, speculative="mtp")
+    calls = {"_compiled_forward": 0, "_compiled_mtp_step": 0}
+    for attr in calls:
+        real = getattr(compiled, attr)
+
+        def counted(*args, _real=real, _attr=attr, **kwargs):
+            calls[_attr] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(compiled, attr, counted)
+    checked = check_drafts(monkeypatch, model)
+    events = list(compiled.stream(PROMPTS[1], max_new_tokens=12, ignore_eos=True, logprobs=2, speculative="mtp"))
+    assert [e.token_id for e in events] == [e.token_id for e in plain]
+    assert [e.logprob for e in events] == pytest.approx([e.logprob for e in plain], abs=1e-4)
+    assert all(calls.values()) and len(checked) == calls["_compiled_mtp_step"] > 2
+    assert compiled.stats["accepted"] > 0
 
 
 def test_bench_decode_smoke(tmp_path, capsys):
