@@ -9,10 +9,10 @@ import pytest
 from nanoseek.cli import main as cli
 from nanoseek.data import train_bpe
 from nanoseek.eval import cons_at_k, majority, pass_at_k
+from nanoseek.eval import runner
 from nanoseek.eval.runner import Sample
 from nanoseek.rl.tasks import arithmetic
 from nanoseek.stages import init as init_stage
-from nanoseek.stages import sample as sample_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,7 +103,7 @@ def test_sample_filters(model_dir, tmp_path, monkeypatch, capsys):
          Sample([1] * 6, f"\\boxed{{{problems[0].answer}}}", "stop")],  # right answer, no reasoning: format fails
         [Sample([1] * 4, "wrong\n</think>\n\\boxed{-1}", "stop")] * 6,
     ]
-    monkeypatch.setattr(sample_stage, "sample_problems", lambda *a, **k: fake)
+    monkeypatch.setattr(runner, "sample_problems", lambda *a, **k: fake)
     out = tmp_path / "traces.jsonl"
     assert cli(["sample", "--model", str(model_dir), "--task", "arithmetic", "--n", "2", "--k", "6", "--digits", "2",
                 "--out", str(out), "--quiet"]) == 0

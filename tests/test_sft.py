@@ -113,3 +113,12 @@ def test_sft_bad_data_and_flags(data, tmp_path, capsys):
     assert sft(*base, "--data", data / "chat.jsonl", "--out", tmp_path / "r5", "--epochs", "1", "--tokens", "9") == 2
     assert sft(*base, "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "r6") == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_sft_stops_on_non_finite_steps(data, tmp_path, capsys):
+    # lr 1e30: the first update sends the weights to ~1e30, every later loss is inf/nan and is skipped
+    assert sft("--init-preset", "tiny", "--tokenizer", data / "tok", "--data", data / "chat.jsonl", "--out",
+               tmp_path / "nan", *SETS, *FAST, "--lr", "1e30", "--max-nonfinite", "2", "--epochs", "2") == 2
+    assert "2 non-finite steps in a row at step 3" in capsys.readouterr().err
+    train = [r for r in read_jsonl(tmp_path / "nan" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["skipped"] for r in train] == [False, True, True]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,13 +233,29 @@ def check_flags(a) -> None:
         raise EvalError(f"--n must be >= 1 for the {a.task} task")
 
 
-def prepare(a):
-    """Model, tokenizer, problems, user texts and prompt ids for eval/sample."""
+@dataclass
+class Sampled:
+    """What eval and sample work on: the tokenizer, problems, their user texts and prompt ids, the
+    completions samples[i][j], and the seconds sampling took."""
+
+    tokenizer: object
+    problems: list[Problem]
+    texts: list[str]
+    prompts: list[list[int]]
+    samples: list[list[Sample]]
+    seconds: float
+
+
+def run_flags(a) -> Sampled:
+    """Load the model, build the task's prompts, sample a.k completions each (the eval/sample flags)."""
     model, tokenizer = load_model(a.model, a.tokenizer, a.device)
     problems = load_task(a.task, a.n, a.seed, a.split, digits=a.digits)
     texts = [p.prompt + (f"\n{a.instruction}" if a.instruction else "") for p in problems]
     prompts = [build_prompt(tokenizer, p, a.template, a.instruction, a.think) for p in problems]
-    return model, tokenizer, problems, texts, prompts
+    t0 = time.perf_counter()
+    samples = sample_problems(model, tokenizer, prompts, a.k, a.max_new_tokens, a.temperature, a.top_p, a.seed,
+                              a.batch_size, progress=not a.quiet)
+    return Sampled(tokenizer, problems, texts, prompts, samples, time.perf_counter() - t0)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from nanoseek.data import DataError
 from nanoseek.eval import passkey
-from nanoseek.eval.runner import (EvalError, add_flags, check_flags, grade, load_model, prepare, sample_problems,
-                                  summarize, write_json, write_jsonl)
+from nanoseek.eval.runner import (EvalError, add_flags, check_flags, grade, load_model, run_flags, summarize,
+                                  write_json, write_jsonl)
 
 
 def parse_args(argv):
@@ -52,18 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         return passkey_main(a)
     try:
         check_flags(a)
-        model, tokenizer, problems, texts, prompts = prepare(a)
-        t0 = time.perf_counter()
-        samples = sample_problems(model, tokenizer, prompts, a.k, a.max_new_tokens, a.temperature, a.top_p,
-                                  a.seed, a.batch_size, progress=not a.quiet)
-        seconds = time.perf_counter() - t0
+        run = run_flags(a)
     except (EvalError, DataError, ValueError) as e:
         print(f"nanoseek eval: error: {e}", file=sys.stderr)
         return 2
-    records = grade(problems, texts, samples)
-    summary = summarize(records, a.k, problems)
+    records = grade(run.problems, run.texts, run.samples)
+    summary = summarize(records, a.k, run.problems)
     summary.update(task=a.task, model=str(a.model), temperature=a.temperature, top_p=a.top_p,
-                   template=a.template, seconds=seconds, completions_per_s=len(records) / max(seconds, 1e-9))
+                   template=a.template, seconds=run.seconds, completions_per_s=len(records) / max(run.seconds, 1e-9))
     out = a.out or Path(a.model) / f"eval-{Path(a.task).stem}"
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "samples.jsonl", records)

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from nanoseek.data import DataError
-from nanoseek.eval.runner import (EvalError, add_flags, check_flags, opens_thinking, prepare, sample_problems,
-                                  to_chat_row, write_jsonl)
+from nanoseek.eval.runner import EvalError, add_flags, check_flags, opens_thinking, run_flags, to_chat_row, write_jsonl
 from nanoseek.rl.rewards import accuracy_for, combine, format_reward, parse_rewards
 from nanoseek.rl.tasks import load_task, worked_solutions
 
@@ -67,18 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.worked:
             return write_worked(a)
         terms = parse_rewards(a.reward) if a.reward else None
-        model, tokenizer, problems, texts, prompts = prepare(a)
-        t0 = time.perf_counter()
-        samples = sample_problems(model, tokenizer, prompts, a.k, a.max_new_tokens, a.temperature, a.top_p,
-                                  a.seed, a.batch_size, progress=not a.quiet)
-        seconds = time.perf_counter() - t0
+        run = run_flags(a)
     except (EvalError, DataError, ValueError) as e:
         print(f"nanoseek sample: error: {e}", file=sys.stderr)
         return 2
     rows, solved = [], 0
-    for problem, text, prompt, outs in zip(problems, texts, prompts, samples):
+    for problem, text, prompt, outs in zip(run.problems, run.texts, run.prompts, run.samples):
         reward = combine(terms) if terms else accuracy_for(problem.task)
-        opened = opens_thinking(tokenizer, prompt)
+        opened = opens_thinking(run.tokenizer, prompt)
         kept, seen = [], set()
         for s in outs:
             if s.finish_reason != "stop":
@@ -99,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += [to_chat_row(text, s.text, opened) for s in kept]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(a.out, rows)
-    total = len(problems) * a.k
-    print(f"kept {len(rows)} of {total} completions ({len(rows) / max(total, 1):.1%}); {solved} of {len(problems)} "
-          f"problems have at least one; {total / max(seconds, 1e-9):.2f} completions/s; wrote {a.out}")
+    total = len(run.problems) * a.k
+    print(f"kept {len(rows)} of {total} completions ({len(rows) / max(total, 1):.1%}); {solved} of "
+          f"{len(run.problems)} problems have at least one; {total / max(run.seconds, 1e-9):.2f} completions/s; "
+          f"wrote {a.out}")
     return 0
 
 

@@ -49,16 +49,17 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.checkpoint import CheckpointError, resolve_model_dir
+from nanoseek.cli import float_in, int_in
 from nanoseek.data import DataError, Tokenizer
 from nanoseek.data.chat import PackedBatch, pack, pack_rows, read_chat_jsonl
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
 from nanoseek.model.args import parse_overrides
-from nanoseek.train.balance import max_vio, update_bias
+from nanoseek.train.balance import max_vio
 from nanoseek.train.loss import sft_evaluate, sft_loss
 from nanoseek.train.metrics import JsonlLog, read_jsonl
 from nanoseek.train.report import plot_run, write_report
-from nanoseek.train.run import Interrupts, RunError, claim_run_dir, explicit_flags, resume_args
+from nanoseek.train.run import Interrupts, RunError, apply_update, claim_run_dir, explicit_flags, resume_args
 from nanoseek.train.sample import sample
 from nanoseek.train.schedule import Schedule
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
@@ -80,37 +81,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the model's; needed with --init-preset)")
     g.add_argument("--data", type=Path, help="chat JSONL for training")
     g.add_argument("--val", type=Path, help="chat JSONL for validation (default: hold out --val-fraction)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data without --val")
+    g.add_argument("--val-fraction", type=float_in(0, 1, lo_open=True, hi_open=True), default=0.1, help="held-out share of --data without --val")
     g.add_argument("--too-long", choices=["drop", "truncate"], default="drop",
                    help="conversations longer than --seq-len + 1 tokens (counted and named either way)")
     g.add_argument("--skip-bad-rows", action="store_true", help="count invalid rows instead of stopping on one")
     g = p.add_argument_group("budget and batch")
-    g.add_argument("--epochs", type=float, help="passes over the data (default 2; fractions allowed)")
-    g.add_argument("--tokens", type=float, help="packed training tokens instead of epochs")
-    g.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (at most the model's context)")
-    g.add_argument("--batch-size", type=int, default=8, help="packed rows per optimizer step")
-    g.add_argument("--micro-batch", type=int, help="rows per forward pass (default: --batch-size)")
-    g.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint, as if interrupted")
+    g.add_argument("--epochs", type=float_in(0, lo_open=True), help="passes over the data (default 2; fractions allowed)")
+    g.add_argument("--tokens", type=float_in(1), help="packed training tokens instead of epochs")
+    g.add_argument("--seq-len", type=int_in(2), default=1024, help="tokens per packed row (at most the model's context)")
+    g.add_argument("--batch-size", type=int_in(1), default=8, help="packed rows per optimizer step")
+    g.add_argument("--micro-batch", type=int_in(1), help="rows per forward pass (default: --batch-size)")
+    g.add_argument("--stop-at", type=int_in(1), help="stop after this step with a checkpoint, as if interrupted")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-    g.add_argument("--warmup", type=float, default=0.03, help="warm-up, as a fraction of the steps")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at lr × this")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--mtp-lambda", type=float, default=0.1, help="MTP loss weight (0: MTP modules not trained)")
-    g.add_argument("--bias-gamma", type=float, default=1e-3, help="balancing-bias speed γ while fine-tuning")
+    g.add_argument("--lr", type=float_in(0, lo_open=True), default=2e-5, help="peak learning rate")
+    g.add_argument("--warmup", type=float_in(0, 1, hi_open=True), default=0.03, help="warm-up, as a fraction of the steps")
+    g.add_argument("--min-lr-ratio", type=float_in(0, 1), default=0.1, help="the cosine ends at lr × this")
+    g.add_argument("--weight-decay", type=float_in(0), default=0.1)
+    g.add_argument("--beta1", type=float_in(0, 1, hi_open=True), default=0.9)
+    g.add_argument("--beta2", type=float_in(0, 1, hi_open=True), default=0.95)
+    g.add_argument("--grad-clip", type=float_in(0), default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--mtp-lambda", type=float_in(0), default=0.1, help="MTP loss weight (0: MTP modules not trained)")
+    g.add_argument("--bias-gamma", type=float_in(0), default=1e-3, help="balancing-bias speed γ while fine-tuning")
     g.add_argument("--freeze-bias", action="store_true", help="keep the MoE balancing bias as it is (γ = 0)")
-    g.add_argument("--seed", type=int, default=0, help="data order, held-out split and --init-preset weights")
+    g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="data order, held-out split and --init-preset weights")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: fp32 on CPU, bf16 on GPU")
-    g.add_argument("--eval-every", type=int, default=50, help="validation every N steps (0: start and end only)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (0: all)")
-    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
-    g.add_argument("--samples", type=int, default=2, help="validation prompts answered in the report")
+    g.add_argument("--eval-every", type=int_in(0), default=50, help="validation every N steps (0: start and end only)")
+    g.add_argument("--save-every", type=int_in(0), default=0, help="checkpoint every N steps (0: at the end only)")
+    g.add_argument("--keep-last", type=int_in(0), default=2, help="checkpoints to keep (0: all)")
+    g.add_argument("--max-nonfinite", type=int_in(1), default=10, help="stop after this many non-finite steps in a row")
+    g.add_argument("--samples", type=int_in(0), default=2, help="validation prompts answered in the report")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -129,16 +130,6 @@ def check_args(a: argparse.Namespace) -> argparse.Namespace:
     if a.epochs is None and a.tokens is None:
         a.epochs = 2.0
     a.micro_batch = a.micro_batch or a.batch_size
-    for name, ok in [("epochs", a.epochs is None or a.epochs > 0), ("tokens", a.tokens is None or a.tokens >= 1),
-                     ("seq-len", a.seq_len >= 2), ("batch-size", a.batch_size >= 1), ("micro-batch", a.micro_batch >= 1),
-                     ("lr", a.lr > 0), ("warmup", 0 <= a.warmup < 1), ("min-lr-ratio", 0 <= a.min_lr_ratio <= 1),
-                     ("val-fraction", 0 < a.val_fraction < 1), ("mtp-lambda", a.mtp_lambda >= 0),
-                     ("bias-gamma", a.bias_gamma >= 0), ("max-nonfinite", a.max_nonfinite >= 1),
-                     ("eval-every", a.eval_every >= 0), ("save-every", a.save_every >= 0),
-                     ("keep-last", a.keep_last >= 0), ("weight-decay", a.weight_decay >= 0),
-                     ("grad-clip", a.grad_clip >= 0), ("samples", a.samples >= 0)]:
-        if not ok:
-            raise RunError(f"--{name} {getattr(a, name.replace('-', '_'))} is out of range (see nanoseek sft --help)")
     if a.batch_size % a.micro_batch:
         raise RunError(f"--batch-size {a.batch_size} must be a multiple of --micro-batch {a.micro_batch}")
     return a
@@ -355,16 +346,8 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
             ce, mtp = (sums / max(n_loss, 1)).tolist()
             bad = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(grad_norm))
             with stop.critical():
-                if bad:
-                    nonfinite, bad_streak = nonfinite + 1, bad_streak + 1
-                else:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    optimizer.step()
-                    if gamma > 0 and counts is not None and len(counts):
-                        update_bias(model, counts, gamma)
-                    bad_streak = 0
-                optimizer.zero_grad(set_to_none=True)
+                apply_update(optimizer, lr, not bad, model, counts, gamma)
+                nonfinite, bad_streak = (nonfinite + 1, bad_streak + 1) if bad else (nonfinite, 0)
                 dt = time.perf_counter() - t0
                 train_seconds += dt
                 step, tokens = step + 1, tokens + len(batch_rows) * a.seq_len

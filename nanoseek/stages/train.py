@@ -78,12 +78,12 @@ from nanoseek.model.mla import MLA
 from nanoseek.model.rope import extend_context
 from nanoseek.quant.training import AdamWBF16Moments, to_fp8_training
 from nanoseek.train import schedule as V3
-from nanoseek.train.balance import max_vio, update_bias
+from nanoseek.train.balance import max_vio
 from nanoseek.train.dsa import IndexerLoss, freeze_all_but_indexers
 from nanoseek.train.loss import evaluate, training_loss
 from nanoseek.train.metrics import JsonlLog, flops_per_token, measure_peak_flops, read_jsonl
 from nanoseek.train.report import plot_run, write_report
-from nanoseek.train.run import Interrupts, RunError, claim_run_dir, explicit_flags, resume_args
+from nanoseek.train.run import Interrupts, RunError, apply_update, claim_run_dir, explicit_flags, resume_args
 from nanoseek.train.sample import sample
 from nanoseek.train.schedule import Schedule
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
@@ -412,16 +412,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
             ce, mtp, bal, kl, kept = (losses / accum).tolist()  # one host sync per step
             skipped = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(kl) and math.isfinite(grad_norm))
             with stop.critical():  # the step is applied and recorded whole, or not at all
-                if skipped:  # no update, no bias move; the batch is consumed all the same
-                    nonfinite, bad_streak = nonfinite + 1, bad_streak + 1
-                else:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    optimizer.step()
-                    if gamma > 0 and counts is not None and len(counts):
-                        update_bias(model, counts, gamma)
-                    bad_streak = 0
-                optimizer.zero_grad(set_to_none=True)
+                # no update, no bias move for a non-finite step; the batch is consumed all the same
+                apply_update(optimizer, lr, not skipped, model, counts, gamma)
+                nonfinite, bad_streak = (nonfinite + 1, bad_streak + 1) if skipped else (nonfinite, 0)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0

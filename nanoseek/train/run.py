@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from nanoseek.train.balance import update_bias
+
 
 class RunError(ValueError):
     """A run directory or a resume request that cannot be honoured (one line for the user)."""
@@ -193,3 +195,18 @@ def resume_args(a: argparse.Namespace, saved: dict, explicit: set[str], free: se
                        f"would change its numbers; drop the flag(s) to resume, or start a new run in another --out")
     merged = {**vars(a), **saved, **{k: getattr(a, k) for k in explicit & free}}
     return argparse.Namespace(**merged)
+
+
+# --- one optimizer update --------------------------------------------------------------------------
+def apply_update(optimizer, lr: float, finite: bool, model=None, counts=None, gamma: float = 0.0) -> None:
+    """The update of a step whose gradients are accumulated: when `finite` (loss and gradient norm),
+    set the learning rate, step the optimizer and move the MoE balancing bias by γ from the step's
+    expert `counts` [L, E]; a non-finite step changes nothing (no update, no bias move). Gradients
+    are cleared either way. Call it inside `Interrupts.critical()`, with the step's bookkeeping."""
+    if finite:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        if gamma > 0 and counts is not None and len(counts):
+            update_bias(model, counts, gamma)
+    optimizer.zero_grad(set_to_none=True)
