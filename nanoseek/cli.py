@@ -9,6 +9,7 @@
     nanoseek eval      pass@1 / pass@k / cons@k on a verifiable task, on the inference engine
     nanoseek sample    rejection sampling: completions the reward accepts, as chat JSONL
     nanoseek convert   FP8 <-> BF16/FP32 checkpoint conversion on CPU: fp8-to-bf16 | to-fp8
+    nanoseek grpo      GRPO with rule rewards, rollouts on the engine (R1 / R1-Zero reasoning RL)
     nanoseek bench     benchmarks against transformers: train | decode | serve
 
 Each stage parses its own flags (`nanoseek STAGE --help`). Stages are imported only when run, so
@@ -33,6 +34,7 @@ STAGES = {
     "sample": ("nanoseek.stages.sample", "rejection sampling to chat JSONL (R1 traces, distillation data)"),
     "convert": ("nanoseek.stages.convert", "FP8 <-> BF16/FP32 checkpoint conversion on CPU (streaming)"),
     "plan-experts": ("nanoseek.stages.plan_experts", "expert placement with redundant copies from logged loads (EPLB)"),
+    "grpo": ("nanoseek.stages.grpo", "GRPO with rule rewards on the engine (R1 / R1-Zero reasoning RL)"),
 }
 BENCHES = {
     "train": "nanoseek.bench.train",

@@ -76,6 +76,11 @@ class StepEvent:
     finish_reason: "stop" (EOS, a stop token id or a stop string) | "length" | "error" | None while
     running. "error": the request's forward or sampling raised inside `step()`; the request is
     over and its slot free, token_id is -1 (no token), and `error` holds "ExceptionType: message".
+    routing (engines made with record_routing=True): LongTensor[n, moe_layers, K], the experts each
+    MoE layer chose for the inputs of the forward that produced this token: the whole prompt (n =
+    its length) for a request's first token, the previous token (n = 1) after. Concatenated over a
+    request's events: the routing of positions 0 .. prompt + new tokens - 2, what a training
+    forward over that sequence needs to replay it (nanoseek.rl.rollout).
     """
 
     request_id: int
@@ -86,6 +91,7 @@ class StepEvent:
     finished: bool
     finish_reason: str | None
     error: str | None = None
+    routing: torch.Tensor | None = None
 
 
 class RequestFailed(RuntimeError):
@@ -103,6 +109,7 @@ class Request:
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.hidden: torch.Tensor | None = None  # speculative: main hidden at positions pos-D-1 .. pos-1
+        self.routing: torch.Tensor | None = None  # record_routing: what the next event carries
 
     @property
     def pos(self) -> int:
@@ -130,12 +137,13 @@ class Engine:
     automatic (see the module docstring), and the environment variable NANOSEEK_COMPILE=1 / 0
     sets that default to on / off; fp8_index_keys: (deepseek_v32) cache the indexer's keys in FP8
     as the released model does, 4x smaller than fp32 but no longer bit-equal to the uncached
-    forward (off by default).
+    forward (off by default); record_routing: every StepEvent carries the MoE routing of the
+    forward that produced it (for routing replay in RL; decoding then runs eagerly).
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, tokenizer=None,
                  speculative: str | None = "auto", absorbed: bool = True, prefill_chunk: int = 2048,
-                 compile: bool | None = None, fp8_index_keys: bool = False):
+                 compile: bool | None = None, fp8_index_keys: bool = False, record_routing: bool = False):
         args = model.args
         if max_seq_len > args.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context "
@@ -163,6 +171,10 @@ class Engine:
         self.auto = spec.AutoSpeculation()
         self.set_speculative(speculative)
         # Decode and verify forwards (and the MTP drafts) are the per-step hot path; prefill is not.
+        self.record_routing = record_routing
+        self._routing: list | None = None  # the last decode/verify forward's Routing list (record_routing)
+        if record_routing:
+            compile = False
         if compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
             compile = os.environ["NANOSEEK_COMPILE"] == "1"
         mode = {True: "on", False: "off", None: "auto"}[compile]
@@ -396,6 +408,8 @@ class Engine:
         """A decode or verify forward over cache rows 0..n-1.
         ids, positions [n, T] -> (logits [n, T, V], hidden [n, T, hidden])."""
         out = self.model.run(ids, positions=positions, cache=cache, kv_len=kv_len, absorbed=self.absorbed)
+        if self.record_routing:
+            self._routing = out.routing
         return out.logits, out.hidden
 
     def _compiled(self, tokens: int) -> bool:
@@ -424,6 +438,9 @@ class Engine:
         ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
         positions = torch.tensor([[r.pos] for r in reqs], device=self.device)
         logits, hidden = self._forward(ids, positions, max(r.pos for r in reqs) + 1)
+        if self.record_routing:
+            for r, routing in zip(reqs, _per_row(self._routing, len(reqs))):
+                r.routing = routing
         if self.speculative == "auto":  # keep what a later switch to speculation needs
             for row, r in enumerate(reqs):
                 if r.hidden is not None:
@@ -476,6 +493,7 @@ class Engine:
         verify_pos = newest[:, None] + torch.arange(D + 1, device=self.device)
         logits, verify_hidden = self._forward(verify_ids, verify_pos, most + D + 1)
         kept = spec.accept(logits, drafts, qs, reqs)
+        routing = _per_row(self._routing, n) if self.record_routing else [None] * n
         both = torch.cat([hidden, verify_hidden], dim=1)  # main hidden at newest-W .. newest+D
         events = []
         for i, (req, toks) in enumerate(zip(reqs, kept)):
@@ -488,6 +506,7 @@ class Engine:
                 lp, top = logprobs(logits[i, : len(toks)], torch.tensor(toks, device=self.device),
                                    [req.params] * len(toks))
             for j, tok in enumerate(toks):
+                req.routing = None if routing[i] is None else routing[i][j : j + 1]
                 events.append(self._append(req, tok, lp[j], top[j]))
                 if req.finish_reason:
                     break
@@ -513,7 +532,9 @@ class Engine:
             req.finish_reason = "length"
         if req.finish_reason and req.text is not None and not stop_string:
             text += req.text.flush()  # held-back text was not a stop string after all
-        return StepEvent(req.id, token, text, logprob, top, req.finish_reason is not None, req.finish_reason)
+        routing, req.routing = req.routing, None
+        return StepEvent(req.id, token, text, logprob, top, req.finish_reason is not None, req.finish_reason,
+                         routing=routing)
 
     # --- prefill -------------------------------------------------------------------------------
     def _prefill(self, reqs: list[Request]) -> list[StepEvent]:
@@ -552,6 +573,7 @@ class Engine:
             want = spec.window(torch.tensor(lens), D).tolist()
             kept = [[None] * (D + 1) for _ in group]
         last = [None] * g
+        chunks_routing = []
         # Chunks in time only for a prompt longer than prefill_chunk: each chunk re-expands the
         # latents cached before it, so fewer, longer chunks are cheaper.
         chunk = max(1, self.prefill_chunk // g)
@@ -560,6 +582,8 @@ class Engine:
             positions = torch.arange(s, e, device=self.device).expand(g, e - s)
             out = self.model.run(ids[:, s:e], positions=positions, cache=cache, kv_len=e, absorbed=False,
                                  logits=False)
+            if self.record_routing:
+                chunks_routing.append(_per_row(out.routing, g))
             for b, n in enumerate(lens):
                 if s <= n - 1 < e:
                     last[b] = out.hidden[b, n - 1 - s]
@@ -572,6 +596,9 @@ class Engine:
         if mtp:
             for b, r in enumerate(group):
                 r.hidden = torch.stack(kept[b])
+        if self.record_routing:
+            for b, r in enumerate(group):
+                r.routing = torch.cat([chunk[b] for chunk in chunks_routing])[: lens[b]]
         return self.model.lm_head(torch.stack(last))
 
     def _drop_finished(self) -> None:
@@ -589,6 +616,14 @@ class Engine:
                 self.mtp_cache.move(last, row, moved.pos)
             self.running[row] = moved
         self.running.pop()
+
+
+def _per_row(routing: list, n: int) -> list[torch.Tensor]:
+    """A forward's Routing list (indices [n*T, K] per MoE layer) -> n tensors [T, layers, K] on the CPU."""
+    if not routing:
+        return [None] * n
+    indices = torch.stack([r.indices for r in routing], dim=1).cpu()  # [n*T, layers, K]
+    return list(indices.view(n, -1, *indices.shape[1:]).unbind(0))
 
 
 def _groups(reqs: list[Request], budget: int) -> list[list[Request]]:

@@ -51,6 +51,10 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # Routing replay (DeepSeek-V3.2's "keep routing"): LongTensor[N, K] experts to use instead of
+        # choosing, set from outside for one forward (nanoseek.rl.rollout.replay_routing); gate weights
+        # are still this forward's scores of those experts, so gradients reach the gate as usual.
+        self.replay: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> weights FloatTensor[N, K], indices LongTensor[N, K], scores FloatTensor[N, E]."""
@@ -68,7 +72,7 @@ class Gate(nn.Module):
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(self.top_k, dim=-1).indices
+        indices = choice.topk(self.top_k, dim=-1).indices if self.replay is None else self.replay
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

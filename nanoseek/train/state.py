@@ -84,9 +84,12 @@ def _intact_hint(root: Path, damaged: Path) -> str:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    state: dict, tokenizer_dir: str | os.PathLike | None = None, keep_last: int = 0) -> Path:
+                    state: dict, tokenizer_dir: str | os.PathLike | None = None, keep_last: int = 0,
+                    extra_models: dict[str, Transformer] | None = None) -> Path:
     """Write `root/step-XXXXXX` atomically, point `root/latest` at it, keep the newest `keep_last`
-    (0 keeps all). `state` is the JSON-able trainer state (step, tokens, loader, counters...)."""
+    (0 keeps all). `state` is the JSON-able trainer state (step, tokens, loader, counters...).
+    extra_models: more models of the run saved in HF layout in subdirectories, e.g. GRPO's
+    {"reference": ref_model} -> step-XXXXXX/reference/ (in the same atomic write)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
@@ -98,6 +101,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: Transformer, opti
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
         _save_trainer_state(tmp / "trainer_state", model, optimizer, state)
+        for name, extra in (extra_models or {}).items():
+            extra.save_pretrained(tmp / name)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -1,0 +1,168 @@
+"""Rollouts for GRPO on the inference engine, and the policy's log-probs of them in a training forward.
+
+    engine = Engine(model, max_batch_size=64, max_seq_len=L, record_routing=keep_routing, compile=False)
+    groups = rollout(engine, prompts, G=8, max_new_tokens=64, temperature=1.0, seed=step)
+    batch = Batch.of([c for g in groups for c in g], routing=keep_routing)   # padded tensors
+    logp = completion_logps(model, batch)                                    # [N, T] with grad
+
+Design choices:
+* **The engine runs over the policy itself**: `Engine(model)` holds the training model, not a copy,
+  so the optimizer's in-place updates are what the next rollout samples from. All P·G requests go
+  through one engine with continuous batching: a finished completion frees its row for the next
+  request at once. Request j of prompt i is seeded seed + i·G + j, so a step's rollouts do not
+  depend on the batch size or on timing (and --resume redraws them exactly).
+* **Log-probs recorded at sampling** (`Completion.logprobs`, the engine's raw-model log-probs of
+  the sampled tokens) are kept for diagnostics: the training forward recomputes the policy's
+  log-probs (as TRL does), and their gap to the recorded ones measures how far the inference
+  path (absorbed attention over the latent cache, MoE routing) drifts from the training path.
+* **Routing replay** (DeepSeek-V3.2 §"Keep Routing"): with `record_routing=True` the engine
+  records the experts every MoE layer chose for each token while sampling, and `replay_routing`
+  makes the training forward use exactly those experts (the gate still computes their weights,
+  so the gate keeps learning). A tiny numeric difference between the two paths can flip a near
+  tie in top-k routing, and then the ratio π_θ/π_old compares two different sub-networks.
+* The training forward runs the full sequence (prompt + completion minus its last token) and
+  applies the output head only at completion positions: the head is the largest matmul and the
+  prompt's logits are never needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.inference import Engine, SamplingParams
+from nanoseek.model.moe import MoE
+
+
+@dataclass
+class Completion:
+    """One sampled completion: prompt ids, new ids (the stop token included when it stopped), the
+    engine's log-prob of each new token, finish_reason ("stop" | "length"), and with routing
+    recorded, routing LongTensor[len(prompt) + len(tokens) - 1, moe_layers, K]."""
+
+    prompt: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    routing: torch.Tensor | None = None
+
+
+def rollout(engine: Engine, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float = 1.0,
+            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False) -> list[list[Completion]]:
+    """G completions of every prompt -> groups[i][j] (continuous batching; see the module docstring)."""
+    queue = [(i, j) for i in range(len(prompts)) for j in range(G)]
+    queue.reverse()
+    groups: list[list[Completion | None]] = [[None] * G for _ in prompts]
+    live: dict[int, tuple[int, int, list, list, list]] = {}
+    with torch.inference_mode():
+        while queue or engine.num_active:
+            while queue and engine.free_slots > 0:
+                i, j = queue.pop()
+                params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        seed=seed + i * G + j, ignore_eos=ignore_eos, logprobs=0)
+                live[engine.add_request(prompts[i], params)] = (i, j, [], [], [])
+            for ev in engine.step():
+                i, j, tokens, logps, routing = live[ev.request_id]
+                if ev.finish_reason == "error":
+                    raise RuntimeError(f"rollout request failed: {ev.error}")
+                tokens.append(ev.token_id)
+                logps.append(ev.logprob)
+                if ev.routing is not None:
+                    routing.append(ev.routing)
+                if ev.finished:
+                    del live[ev.request_id]
+                    groups[i][j] = Completion(prompts[i], tokens, logps, ev.finish_reason,
+                                              torch.cat(routing) if routing else None)
+    return groups  # type: ignore[return-value]
+
+
+@dataclass
+class Batch:
+    """Completions as padded tensors for the training forward.
+
+    ids [N, S]: prompt + completion without its last token, right-padded (S = longest);
+    starts [N]: the position whose logits predict the first completion token (len(prompt) - 1);
+    targets [N, T]: completion tokens (T = longest completion), mask [N, T] 1 on real tokens;
+    routing [N, S, moe_layers, K] or None (padding rows route to experts 0..K-1: never read)."""
+
+    ids: torch.Tensor
+    starts: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    routing: torch.Tensor | None
+
+    @classmethod
+    def of(cls, completions: list[Completion], routing: bool = False, device="cpu") -> "Batch":
+        N = len(completions)
+        S = max(len(c.prompt) + len(c.tokens) - 1 for c in completions)
+        T = max(len(c.tokens) for c in completions)
+        ids = torch.zeros(N, S, dtype=torch.long)
+        targets = torch.zeros(N, T, dtype=torch.long)
+        mask = torch.zeros(N, T)
+        starts = torch.tensor([len(c.prompt) - 1 for c in completions])
+        for n, c in enumerate(completions):
+            seq = c.prompt + c.tokens[:-1]
+            ids[n, : len(seq)] = torch.tensor(seq)
+            targets[n, : len(c.tokens)] = torch.tensor(c.tokens)
+            mask[n, : len(c.tokens)] = 1
+        replay = None
+        if routing:
+            first = completions[0].routing
+            if first is None:
+                raise ValueError("routing replay needs rollouts from an engine with record_routing=True")
+            layers, K = first.shape[1:]
+            replay = torch.arange(K).expand(N, S, layers, K).clone()
+            for n, c in enumerate(completions):
+                replay[n, : len(c.routing)] = c.routing
+            replay = replay.to(device)
+        return cls(ids.to(device), starts.to(device), targets.to(device), mask.to(device), replay)
+
+    def select(self, rows: torch.Tensor | list[int]) -> "Batch":
+        """A minibatch of these rows (padding trimmed to the rows' own longest)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.ids.device)
+        mask = self.mask[rows]
+        T = int(mask.sum(-1).max().item())
+        S = int((self.starts[rows] + mask.sum(-1).long()).max().item())
+        return Batch(self.ids[rows, :S], self.starts[rows], self.targets[rows, :T], mask[:, :T],
+                     None if self.routing is None else self.routing[rows, :S])
+
+
+def moe_gates(model) -> list:
+    """The gates of the main model's MoE layers, in order (the order of Output.routing)."""
+    return [layer.mlp.gate for layer in model.layers if isinstance(layer.mlp, MoE)]
+
+
+@contextlib.contextmanager
+def replay_routing(model, routing: torch.Tensor | None):
+    """Within the block, model forwards over [B, S] tokens use routing [B, S, moe_layers, K] instead of
+    choosing experts (None: a no-op)."""
+    if routing is None:
+        yield
+        return
+    gates = moe_gates(model)
+    try:
+        for l, gate in enumerate(gates):
+            gate.replay = routing[:, :, l].reshape(-1, routing.shape[-1])
+        yield
+    finally:
+        for gate in gates:
+            gate.replay = None
+
+
+def completion_logps(model, batch: Batch, temperature: float = 1.0, replay: bool = True) -> torch.Tensor:
+    """The model's log-probs of the completion tokens -> FloatTensor[N, T] (0 at padding), fp32,
+    computed from logits / temperature (the distribution the tokens were sampled from, as TRL does).
+    Replays the batch's routing when it has one (and replay=True)."""
+    with replay_routing(model, batch.routing if replay else None):
+        hidden = model.run(batch.ids, logits=False).hidden  # [N, S, D]
+    N, T = batch.targets.shape
+    offsets = torch.arange(T, device=hidden.device)
+    where = (batch.starts[:, None] + offsets).clamp(max=hidden.shape[1] - 1)  # [N, T]
+    h = hidden.gather(1, where[..., None].expand(N, T, hidden.shape[-1]))
+    logits = model.lm_head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = logits.log_softmax(-1).gather(-1, batch.targets[..., None]).squeeze(-1)
+    return logp * batch.mask
