@@ -43,6 +43,7 @@ BENCHES = {
     "balance": "nanoseek.bench.balance",
     "dsa": "nanoseek.bench.dsa",
     "sft": "nanoseek.bench.sft",
+    "grpo": "nanoseek.bench.grpo",
 }
 
 
