@@ -60,7 +60,7 @@ from nanoseek.rl.report import plot_grpo, sample_table, write_report
 from nanoseek.rl.rollout import Batch, completion_logps, rollout
 from nanoseek.rl.tasks import load_task
 from nanoseek.train.metrics import JsonlLog, read_jsonl
-from nanoseek.train.run import Interrupts, RunError, claim_run_dir, explicit_flags, resume_args
+from nanoseek.train.run import Interrupts, RunError, apply_update, claim_run_dir, explicit_flags, resume_args
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
 
 FREE_ON_RESUME = {"model", "tokenizer", "out", "resume", "device", "save_every", "keep_last", "stop_at",
@@ -326,13 +326,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                             loss.backward()
                             norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
                                                                   a.grad_clip if a.grad_clip > 0 else float("inf")).item()
-                            if not (math.isfinite(loss.item()) and math.isfinite(norm)):
-                                skipped = True
-                            else:
-                                for group in optimizer.param_groups:
-                                    group["lr"] = lr
-                                optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
+                            finite = math.isfinite(loss.item()) and math.isfinite(norm)
+                            skipped = skipped or not finite
+                            apply_update(optimizer, lr, finite)
                             loss_value, grad_norm = loss.item(), norm
                             for k, v in stats.items():
                                 stats_sum[k] = stats_sum.get(k, 0.0) + v / (a.num_iterations * len(minibatches))
