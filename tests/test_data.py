@@ -109,6 +109,26 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
         read_corpus([tmp_path / "t.parquet"])
 
 
+def test_parquet_documents_are_read(tmp_path):
+    """A real parquet file (written with pyarrow): rows in order from the text column, empty and null
+    rows dropped, a non-string value skipped with a warning, and a file without the column skipped
+    whole (pyarrow is in the test extra)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first doc", "", None, "second doc\nwith two lines", "  ", "héllo 🦙"],
+                             "id": [1, 2, 3, 4, 5, 6]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"body": ["other field"], "n": [7]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"body": [3]}), tmp_path / "c.parquet")
+    assert read_corpus([tmp_path / "a.parquet"]).documents == ["first doc", "second doc\nwith two lines", "héllo 🦙"]
+    assert read_corpus([tmp_path / "b.parquet"], text_field="body").documents == ["other field"]
+    with pytest.warns(UserWarning, match="skipped 2"):  # b.parquet has no "text"; c.parquet's is not str
+        corpus = read_corpus([tmp_path], text_field="text")
+    assert corpus.documents == ["first doc", "second doc\nwith two lines", "héllo 🦙"]
+    with pytest.raises(DataError, match="no documents found.*1 skipped"):
+        read_corpus([tmp_path / "c.parquet"], text_field="body")
+
+
 def test_stdlib_corpus_is_deterministic_and_capped():
     a = stdlib_corpus(max_bytes=100_000)
     b = stdlib_corpus(max_bytes=100_000)
@@ -280,6 +300,40 @@ def test_document_forced_into_fim(bpe):
         assert ids.count(marker) == 1
     assert ids.index(bpe.fim_begin_id) < ids.index(bpe.fim_hole_id) < ids.index(
         bpe.fim_end_id)
+
+
+def test_fim_pieces_are_pinned_for_a_fixed_seed(bpe):
+    """The cuts for a fixed seed, pinned (not replayed through the project's own split function):
+    two uniform character positions, sorted; then the PSM layout puts the middle last."""
+    rng = random.Random(1234)
+    text = "0123456789abcdefghij"
+    assert [fim_split(text, rng) for _ in range(4)] == [
+        ("012", "3456789abcd", "efghij"), ("", "01", "23456789abcdefghij"),
+        ("0", "123456789abcdefgh", "ij"), ("01", "2", "3456789abcdefghij")]
+    texts = ["def add(a, b):\n    return a + b\n", "Hello, world!"]
+    docs, num_fim = encode_documents(bpe, texts, random.Random(3), fim_rate=1.0)
+    pieces = []
+    for ids in docs:
+        hole, end = ids.index(bpe.fim_hole_id), ids.index(bpe.fim_end_id)
+        assert ids[:2] == [bpe.bos_id, bpe.fim_begin_id] and ids[-1] == bpe.eos_id
+        pieces.append((bpe.decode(ids[2:hole]), bpe.decode(ids[end + 1:-1]), bpe.decode(ids[hole + 1:end])))
+    assert num_fim == 2 and pieces == [("def add(", "a, b):\n    retu", "rn a + b\n"),
+                                       ("Hello, ", "wor", "ld!")]  # (pre, middle, suf)
+
+
+def test_fim_middle_length_distribution():
+    """Two independent uniform cuts of an n-character text: the middle is |i - j| long, so its mean
+    is ~n/3, it is empty with probability 1/(n+1), longer than n/2 with probability ~1/4, and the
+    prefix and suffix are ~n/3 long each on average."""
+    rng, n, N = random.Random(0), 100, 4000
+    text = "x" * n
+    splits = [fim_split(text, rng) for _ in range(N)]
+    assert all(pre + mid + suf == text for pre, mid, suf in splits)
+    mid = np.array([len(m) for _, m, _ in splits])
+    assert 0.31 < mid.mean() / n < 0.36
+    assert (mid == 0).mean() < 0.03 and 0.2 < (mid > n / 2).mean() < 0.3
+    assert 0.3 < np.mean([len(p) for p, _, _ in splits]) / n < 0.37
+    assert 0.3 < np.mean([len(s) for _, _, s in splits]) / n < 0.37
 
 
 def test_fim_rate_and_determinism(bpe):
