@@ -296,7 +296,7 @@ def parse_request(cls: type[_Request], raw: bytes) -> _Request:
         err = e.errors(include_url=False)[0]
         if err["type"] == "json_invalid":
             raise APIError(400, f"the request body is not valid JSON: {err['msg']}") from None
-        if err["type"] == "model_type":
+        if err["type"] == "model_type" and not err["loc"]:  # a nested field's wrong type names its field below
             raise APIError(400, "the request body must be a JSON object") from None
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, _FieldError):
