@@ -363,3 +363,22 @@ def test_train_stages_dsa_warmup_sparse_and_context_extension(tmp_path):
     with pytest.raises(SystemExit) as e:  # nothing to extend
         train("bad", "--extend-context", "64", "--steps", "1")
     assert e.value.code == 2
+
+
+def test_server_on_a_v32_checkpoint():
+    """The OpenAI-compatible server on a deepseek_v32 model: a completion past index_topk tokens
+    equals uncached greedy decoding."""
+    pytest.importorskip("openai")
+    from serving import serve
+
+    from nanoseek.data import train_bpe
+
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog " * 4] * 10, vocab_size=300)
+    model = tiny_v32(vocab_size=300)
+    prompt = "the quick brown fox jumps over the lazy dog " * 3
+    ids = tok.encode(prompt, add_bos=True)
+    assert len(ids) > model.args.index_topk  # the prompt and every step attend sparsely
+    with serve(model, tok, slots=2, context=128) as live:
+        r = live.client().completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    want = greedy_reference(model, ids, 8)
+    assert r.choices[0].text == tok.decode(want[: r.usage.completion_tokens], skip_special_tokens=True)
