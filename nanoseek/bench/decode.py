@@ -14,7 +14,7 @@ peer's best pass counts: interference on a shared machine only ever slows a pass
 turns spreads a stretch of it over both (on the 2-core dev machine a tiny-model decode step
 varied 2-3x from second to second). **Cache bytes per token**:
 nanoseek's preallocated latent cache; the bytes transformers' DynamicCache holds after the run /
-(batch × sequence length); and the formula num_layers × (kv_lora_rank + qk_rope_head_dim) × dtype
+(batch × sequence length); and the formula num_layers × (kv_lora_rank + qk_rope_head_dim [+ index_head_dim]) × dtype
 size. Both peers decode greedily in fp32 with EOS ignored, so every sequence makes every token;
 `agree` is the share of generated tokens on which they picked the same id (random weights have
 near-ties, so an early flip can make the rest of a sequence differ).
@@ -58,6 +58,7 @@ import torch
 from nanoseek.inference import Engine
 from nanoseek.model import Transformer, preset
 from nanoseek.model.args import parse_overrides
+from nanoseek.model.indexer import key_cache_width
 
 
 def parse_args(argv):
@@ -290,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         path = checkpoint(a, Path(tmp))
         model = Transformer.from_pretrained(path)
         args = model.args
-        formula = args.num_hidden_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * model.embed_tokens.weight.element_size()
+        dtype = model.embed_tokens.weight.dtype  # + the V3.2 indexer's key in each row (deepseek_v32)
+        formula = args.num_hidden_layers * (args.kv_lora_rank + args.qk_rope_head_dim + key_cache_width(args, dtype)) \
+            * dtype.itemsize
         hf = load_transformers(path) if "transformers" in a.peers else None
         print(f"checkpoint: {a.model or ('random ' + a.preset)} | {model.num_params() / 1e6:.1f}M params "
               f"({model.num_params(active=True) / 1e6:.1f}M active), {args.num_hidden_layers} layers, "

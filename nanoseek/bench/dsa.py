@@ -12,9 +12,11 @@ values), eager, fp32. The same weights run sparse (the indexer's top-k rows, gat
 attention reads index_topk rows, but the indexer still scores all S keys, so a sparse step grows
 with S at the indexer's per-key cost instead of MLA's.
 
-The default model is the `tiny-v32` preset with index_topk 2048 (V3.2's) and an indexer whose
-per-key cost relative to MLA's is V3.2's (1 head × 16 dims against 4 heads × (32 + 16) scored and
-32 read: ~1/17, as 64 heads × 128 FP8 dims against 128 heads × 576 + 512 at full size).
+The default model is the `tiny-v32` preset with index_topk 2048 (V3.2's) and 32 attention heads,
+so that a cached key costs the indexer ~1/20 of what it costs MLA, as at V3.2 size (4 heads × 32
+dims against 32 heads × (48 scored + 32 read); V3.2: 64 × 128 FP8 against 128 × (576 + 512)). With
+the preset's 4 heads the indexer's scan and top-k cost about as much as dense attention over the
+whole context, and sparse decoding gains nothing at this size.
 
 **transformers**: `DeepseekV32ForCausalLM.generate` on the same checkpoint at --hf-context (its
 eager indexer materialises [T, T] masks and scores, so its prefill does not reach 16K here); the
@@ -44,7 +46,7 @@ from nanoseek.model.args import parse_overrides
 from nanoseek.model.indexer import key_cache_width, set_fp8_keys, set_sparse
 from nanoseek.model.mla import MLA, _causal
 
-BENCH_MODEL = dict(index_topk=2048, index_n_heads=1, index_head_dim=16, num_nextn_predict_layers=0)
+BENCH_MODEL = dict(index_topk=2048, num_attention_heads=32, num_nextn_predict_layers=0)
 
 
 def parse_args(argv):
@@ -57,6 +59,7 @@ def parse_args(argv):
     p.add_argument("--hf-context", type=int, default=4096, help="context for transformers' generate")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--fp8-context", type=int, default=4096, help="context for the FP8-key selection check")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the rows as JSONL")
     a = p.parse_args(argv)
@@ -179,6 +182,8 @@ def cache_bytes(args, dtype=torch.float32) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.threads > 0:  # one thread is the steadier figure on a machine other jobs keep busy
+        torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     model = build_model(a)
     args = model.args

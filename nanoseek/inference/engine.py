@@ -136,14 +136,15 @@ class Engine:
     compile: True / False force torch.compile of the decode step on / off; None (default):
     automatic (see the module docstring), and the environment variable NANOSEEK_COMPILE=1 / 0
     sets that default to on / off; fp8_index_keys: (deepseek_v32) cache the indexer's keys in FP8
-    as the released model does, 4x smaller than fp32 but no longer bit-equal to the uncached
-    forward (off by default); record_routing: every StepEvent carries the MoE routing of the
+    as the released model does (index_head_dim + 4 bytes a token; the model's own forward then scores
+    FP8 keys too); None (default): on for CUDA, off on CPU, where cached decoding stays exactly the
+    uncached forward; record_routing: every StepEvent carries the MoE routing of the
     forward that produced it (for routing replay in RL; decoding then runs eagerly).
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, tokenizer=None,
                  speculative: str | None = "auto", absorbed: bool = True, prefill_chunk: int = 2048,
-                 compile: bool | None = None, fp8_index_keys: bool = False, record_routing: bool = False):
+                 compile: bool | None = None, fp8_index_keys: bool | None = None, record_routing: bool = False):
         args = model.args
         if max_seq_len > args.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context "
@@ -157,6 +158,8 @@ class Engine:
         weight = model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.depth = len(model.mtp)
+        if fp8_index_keys is None:  # the released model's format on GPUs; exact keys on CPU
+            fp8_index_keys = model.embed_tokens.weight.device.type == "cuda"
         self.fp8_index_keys = fp8_index_keys and args.dsa
         set_fp8_keys(model, self.fp8_index_keys)
         # + depth rows: a speculative verify writes up to `depth` positions past the last token kept
