@@ -315,7 +315,7 @@ def test_bench_dsa_smoke(tmp_path, capsys):
                      "--set", "index_topk=32", "--set", "num_hidden_layers=2", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["context"] == 96 and rows[1]["transformers_ms"][0] > 0
-    assert rows[-1]["cache_bytes"] == {"dense_v3": 2 * 48 * 4, "v32": 2 * 64 * 4, "v32_fp8_keys": 2 * (48 * 4 + 20)}
+    assert rows[-1]["cache_bytes"] == {"dense_v3": 2 * 48 * 4, "v32": 2 * 80 * 4, "v32_fp8_keys": 2 * (48 * 4 + 36)}
     assert 0 <= rows[-1]["topk_overlap"] <= 1
     assert "FP8 indexer keys" in capsys.readouterr().out
 
