@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.tokenizer not in ("bpe", "deepseek-v3") and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        parser.error(f"--tokenizer {args.tokenizer}: no tokenizer.json in that directory (or 'bpe', 'deepseek-v3')")
     problem = check_out(Path(args.out))
     if problem:
         parser.error(f"--out {args.out}: {problem}")
