@@ -100,7 +100,7 @@ def main() -> int:
                   str(out / f"{spec['name']}.rank{d.rank}.safetensors"))
         (out / f"{spec['name']}.rank{d.rank}.json").write_text(
             json.dumps({"losses": result["losses"], "max_ranks": result["max_ranks"]}))
-    shutdown(d)
+    shutdown()
     return 0
 
 

@@ -33,12 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, cfg: dict, timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Run `n` ranks of the worker; always reaps them (kills the stragglers on timeout or failure)."""
+def launch(n: int, cfg: dict | list, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Run `n` ranks of the worker (cfg: its JSON) or of `python ARGV...` (cfg: a list), with the
+    environment torchrun sets; always reaps them (kills the stragglers on timeout or failure)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), json.dumps(cfg)], env={**env, "RANK": str(r),
+    argv = [str(WORKER), json.dumps(cfg)] if isinstance(cfg, dict) else cfg
+    procs = [subprocess.Popen([sys.executable, *argv], env={**env, "RANK": str(r),
                               "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(n)]
     results = []
@@ -216,3 +218,40 @@ def test_sharded_checkpoint_metadata_is_not_an_arbitrary_pickle(two_ranks, tmp_p
     (bad / "dcp" / ".metadata").write_bytes(pickle.dumps(print))  # would run builtins.print on an open load
     with pytest.raises(ValueError, match="builtins.print, which is not allowed"):
         load_sharded(bad, torch.nn.Linear(2, 2))
+
+
+def test_torchrun_train_is_the_one_process_run_and_resumes_in_one_process(tmp_path):
+    """`nanoseek train` on 2 ranks with EP=2 (what torchrun launches), stopped at step 2, resumed in one
+    process from its sharded checkpoint: the same 4 losses as one process all along. Rank 0 alone logs."""
+    from nanoseek.stages import prepare
+    from nanoseek.stages import train as train_stage
+    from nanoseek.train.metrics import read_jsonl
+
+    data = tmp_path / "data"
+    assert prepare.main(["--out", str(data), "--max-bytes", "120000", "--vocab-size", "300", "--seq-len", "16",
+                         "--val-fraction", "0.1"]) == 0
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                 v_head_dim=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+                 topk_group=1, num_nextn_predict_layers=1, initializer_range=0.05)
+    flags = ["--data", str(data), *[f"--set={k}={json.dumps(v)}" for k, v in small.items()], "--batch-size", "4",
+             "--batch-start", "4", "--micro-batch", "1", "--eval-batches", "1", "--samples", "0", "--quiet",
+             "--warmup-steps", "2", "--lr", "1e-2", "--steps", "4", "--eval-every", "0"]
+    procs = launch(2, ["-m", "nanoseek", "train", "--out", str(tmp_path / "two"), *flags, "--ep", "2", "--stop-at", "2"])
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    assert "stopped (--stop-at) at step 2" in procs[0].stdout and procs[1].stdout == ""  # rank 0 prints
+    assert (tmp_path / "two" / "checkpoints" / "step-000002" / "dcp" / ".metadata").is_file()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train_stage.main(["--out", str(tmp_path / "two"), "--resume", "--quiet"]) == 0
+        assert train_stage.main(["--out", str(tmp_path / "one"), *flags]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two = [r for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "train"]
+    one = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # one line per step: rank 1 wrote none
+    for a, b in zip(two, one):
+        assert a["tokens"] == b["tokens"] and sum(a["load"], []) == pytest.approx(sum(b["load"], []))  # same routing
+        assert (a["loss"], a["mtp_loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["mtp_loss"], b["grad_norm"]),
+                                                                           rel=1e-5)

@@ -36,8 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from nanoseek.model import ModelArgs, Transformer
-
-STATE_VERSION = 1
+from nanoseek.train.state import STATE_VERSION, STEP_DIR, _write_atomic, checkpoint_name
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -83,10 +82,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer, args: ModelArgs, state: dict) -> Path:
+def save_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer, args: ModelArgs, state: dict,
+                 tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write a checkpoint directory from every rank (all must call); atomic (renamed into place by rank 0).
 
-    model: this rank's parallelized model (or pipeline `module`); state: JSON-able trainer state."""
+    model: this rank's parallelized model (or pipeline `module`); state: JSON-able trainer state;
+    tokenizer_dir: files copied beside the weights (so the directory is a servable model once exported)."""
     final = Path(path)
     tmp = final.parent / f".{final.name}.tmp"
     if _rank() == 0:
@@ -99,9 +100,31 @@ def save_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer, arg
         (tmp / "config.json").write_text(json.dumps(args.to_config(), indent=2) + "\n")
         (tmp / "trainer_state").mkdir()
         (tmp / "trainer_state" / "state.json").write_text(json.dumps({**state, "version": STATE_VERSION}, indent=1))
+        for f in Path(tokenizer_dir).iterdir() if tokenizer_dir is not None else ():
+            if f.is_file() and f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def save_run_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer, args: ModelArgs,
+                        state: dict, tokenizer_dir: str | os.PathLike | None = None, keep_last: int = 0) -> Path:
+    """`nanoseek train`'s checkpoint under torchrun: root/step-XXXXXX (sharded), tokenizer files beside
+    it, `root/latest` pointed at it, older ones pruned to `keep_last` (0 keeps all), as
+    nanoseek.train.state.save_checkpoint does for one process. All ranks call."""
+    root = Path(root)
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    final = save_sharded(root / checkpoint_name(step), model, optimizer, args, state, tokenizer_dir)
+    if _rank() == 0:
+        _write_atomic(root / "latest", final.name + "\n")
+        if keep_last > 0:
+            steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir())
+            for old in steps[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

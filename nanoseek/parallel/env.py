@@ -83,29 +83,45 @@ def torchrun_world() -> tuple[int, int, int]:
 def init_distributed(device: str = "auto") -> Dist:
     """Start the process group if torchrun launched us; pin this rank's device.
 
-    device: "auto" (CUDA when present, else CPU), "cpu", "cuda" (the LOCAL_RANK-th GPU) or "cuda:N".
+    device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N" (under torchrun: the
+    LOCAL_RANK-th GPU, whatever N).
     A single process (no WORLD_SIZE, or WORLD_SIZE=1) gets a Dist without a process group.
     """
     rank, world, local = torchrun_world()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda":
-        if world > 1 and dev.index is None:
-            dev = torch.device("cuda", local)  # one GPU per rank
-        torch.cuda.set_device(dev)
     if world == 1:
         return Dist(device=dev)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)  # one GPU per rank, whatever index was asked for
+        torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
 
 
-def shutdown(d: Dist) -> None:
+def shutdown() -> None:
     """Destroy the process group (if any): NCCL otherwise warns about leaked communicators."""
-    if d.enabled and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def quiet_other_ranks(d: Dist) -> None:
+    """Rank-0-only printing for a whole stage: other ranks' stdout goes to /dev/null (stderr stays,
+    so every rank's errors are still seen)."""
+    if not d.is_main:
+        sys.stdout = open(os.devnull, "w")
+
+
+def agree(values: list[float], d: Dist, op: str = "max") -> list[float]:
+    """The same decision on every rank (stop, time up, a re-planned budget): max or min over ranks."""
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return t.tolist()
 
 
 def print0(*args, **kwargs) -> None:

@@ -5,6 +5,7 @@
     nanoseek train --data DATA --out OUT --resume            # continue OUT/checkpoints/latest exactly
     nanoseek train --data DATA --out OUT2 --resume-from OUT --extend-context 1024 --steps 50   # YaRN stage
     nanoseek train --data DATA --out OUT3 --resume-from OUT --dsa-warmup --steps 50 --lr 1e-3  # V3.2 stage 1
+    torchrun --nproc-per-node 4 -m nanoseek train --data DATA --out OUT --steps 300 --ep 2   # EP=2 x FSDP=2
     python -m nanoseek.stages.train --help
 
 The recipe is DeepSeek-V3's (report §4.2), scaled by flags to small runs: AdamW (β 0.9/0.95,
@@ -50,6 +51,12 @@ Design choices:
   of the dense attention the top-k keeps).
 - One process per run directory (a lock on OUT/.lock); Ctrl-C / SIGTERM finish the step, save it
   and exit 130 / 143 (nanoseek/train/run.py).
+- Under torchrun (nanoseek/parallel/): --batch-size stays the global batch and --micro-batch is per
+  rank, so the same command is the same run at any world size; the layout (--dp-shard x --ep,
+  checked against the world size) is applied from outside the model by `parallelize` (FSDP2,
+  expert parallelism); rank 0 alone prints and writes logs and reports; checkpoints are sharded
+  (torch.distributed.checkpoint, each rank writes its shards) and --resume reads them at any world
+  size or layout, one process included; the final checkpoint is also exported in the HF layout.
 """
 
 from __future__ import annotations
@@ -71,11 +78,13 @@ from nanoseek.cli import float_in, int_in
 from nanoseek.data import BatchLoader, DataError, Tokenizer, TokenShards, eval_batches
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
-from nanoseek.model.args import parse_overrides
-from nanoseek.model.layers import MLP
+from nanoseek.model.args import ModelArgs, parse_overrides
 from nanoseek.model.indexer import set_sparse
-from nanoseek.model.mla import MLA
 from nanoseek.model.rope import extend_context
+from nanoseek.parallel import (agree, build_mesh, check_layout, clip_grad_norm_, global_counts, init_distributed,
+                               parallelize, quiet_other_ranks, shutdown, torchrun_world)
+from nanoseek.parallel.checkpoint import export_hf, is_sharded, load_sharded, save_run_checkpoint
+from nanoseek.parallel.step import mean_over_ranks
 from nanoseek.quant.training import AdamWBF16Moments, to_fp8_training
 from nanoseek.train import schedule as V3
 from nanoseek.train.balance import max_vio
@@ -91,7 +100,8 @@ from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_tra
 # Flags a resumed run may take from its command line when typed (they cannot change the training
 # numbers); every other setting comes from the saved run, and typing a different value is an error.
 FREE_ON_RESUME = {"data", "tokenizer", "out", "resume", "device", "compile", "max_minutes", "stop_at", "eval_every",
-                  "eval_batches", "save_every", "keep_last", "samples", "max_nonfinite", "quiet"}
+                  "eval_batches", "save_every", "keep_last", "samples", "max_nonfinite", "quiet",
+                  "dp_shard", "ep", "activation_checkpoint"}
 FINAL_SECONDS = 20  # what a --max-minutes run keeps for its final evaluation, samples and report
 PROMPTS = ["import os\n", "def __init__(self", "class ", "    for i in range("]
 FIM_EXAMPLE = ("def add(a, b):\n    ", "\n\n\nprint(add(1, 2))\n")
@@ -175,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=int_in(1), default=10, help="stop after this many non-finite steps in a row")
     g.add_argument("--samples", type=int_in(0), default=len(PROMPTS), help="completions printed at the end (+1 FIM)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("parallel layout (under torchrun; --dp-shard x --ep = world size)")
+    g.add_argument("--dp-shard", type=int_in(1), help="FSDP2 degree of the routed experts (default: world size / --ep); "
+                   "dense weights are sharded over all dp-shard x ep data-parallel ranks")
+    g.add_argument("--ep", type=int_in(1), default=1, help="expert parallelism: routed experts split over this many "
+                   "ranks, tokens moved by all-to-all (V3: 64)")
+    g.add_argument("--activation-checkpoint", action="store_true", help="recompute each block in the backward")
     return p
 
 
@@ -207,16 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parse_args(parser, argv)
     t_start = time.perf_counter()
-    try:
-        with claim_run_dir(a.out, "train"), Interrupts() as stop:
+    rank = torchrun_world()[0]
+    try:  # under torchrun, rank 0 holds the run directory for all ranks
+        with claim_run_dir(a.out, "train") if rank == 0 else contextlib.nullcontext(), Interrupts() as stop:
             return train(a, explicit_flags(parser, argv), stop, t_start)
     except (DataError, ConfigError, CheckpointError, RunError, ValueError) as e:
-        print(f"nanoseek train: error: {e}", file=sys.stderr)
+        print(f"{f'[rank {rank}] ' if torchrun_world()[1] > 1 else ''}nanoseek train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C outside the loop (set-up, final evaluation, report)
         print(f"nanoseek train: interrupted; the newest checkpoint is "
               f"{latest_checkpoint(a.out / 'checkpoints') or 'none (nothing was saved)'}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: float) -> int:
@@ -228,6 +247,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         for flag in ("stop_at", "max_minutes"):  # limits of one invocation, not settings of the run (a
             if flag not in explicit:             # minutes budget is fixed in tokens by now)
                 setattr(a, flag, None)
+        for flag, default in (("dp_shard", None), ("ep", 1), ("activation_checkpoint", False)):
+            if flag not in explicit:  # the layout belongs to this launch: a run resumes at any world size
+                setattr(a, flag, default)
         a.data, a.out, a.tokenizer = Path(a.data), Path(a.out), a.tokenizer and Path(a.tokenizer)
     elif a.resume:
         if a.data is None:
@@ -246,6 +268,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         device = resolve_device(a.device)
     except DeviceError as e:
         raise RunError(f"--device {e}") from None
+    d = init_distributed(str(device))  # one process: no process group; torchrun: one device per rank
+    device = d.device
+    quiet_other_ranks(d)
     bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
     amp = autocast or contextlib.nullcontext
@@ -267,7 +292,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     seq_len = a.seq_len or a.extend_context or meta.get("seq_len", 256)
 
     # --- model ---------------------------------------------------------------------------------
-    if resume_from is not None:
+    if resume_from is not None and is_sharded(resume_from):  # weights come after parallelize, from the shards
+        model = Transformer(ModelArgs.from_json(resume_from / "config.json")).to(device)
+    elif resume_from is not None:
         model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=device)
     elif a.resume_from is not None:
         model = stage_model(a, device, tokenizer)
@@ -290,7 +317,13 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                                model_vocab_size=model.args.vocab_size)
     val_shards = TokenShards(a.data, "val", tokenizer_vocab_size=tokenizer.vocab_size,
                              model_vocab_size=model.args.vocab_size)
-    loader = BatchLoader(train_shards, a.micro_batch, seq_len, seed=a.seed)
+    layout = check_layout(d.world_size, a.dp_shard, a.ep, 1, model.args, a.micro_batch, a.batch_size)
+    if a.precision == "fp8" and layout.ep > 1:
+        raise RunError("--precision fp8 does not combine with --ep yet: the expert-parallel experts run their own "
+                       "grouped GEMMs (use --ep 1, or bf16)")
+    mesh = build_mesh(layout, d)
+    dp, dp_rank = (mesh["dp"].size(), mesh["dp"].get_local_rank()) if mesh is not None else (1, 0)
+    loader = BatchLoader(train_shards, a.micro_batch, seq_len, seed=a.seed, rank=dp_rank, world_size=dp)
     has_mtp = a.mtp_lambda > 0 and len(model.mtp) > 0
     dsa = IndexerLoss(model) if model.args.dsa else None  # indexer KL and kept mass, per forward
     if a.dsa_warmup:
@@ -299,6 +332,16 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         freeze_all_but_indexers(model)
         set_sparse(model, False)
         a.bias_gamma = 0.0  # the main model (its balancing bias too) stays as it is
+    # A one-process checkpoint resumed under torchrun: its AdamW moments, read now (full tensors by
+    # name), are sharded into the parallel optimizer below.
+    plain_state = None
+    if resume_from is not None and d.enabled and not is_sharded(resume_from):
+        plain_state = plain_optimizer_state(resume_from, model, a)
+    # Compiled from outside the model: attention and the dense / shared-expert FFNs. The routed
+    # experts stay eager: torch 2.13 traces grouped_mm in bf16 only. (On 2 CPU cores this buys
+    # ~10% per step after ~1.5 minutes of compiling: worth it for long runs only.) Under torchrun,
+    # also expert parallelism and FSDP2 (nanoseek/parallel/parallelize.py).
+    parallelize(model, mesh, bf16=bf16, activation_checkpoint=a.activation_checkpoint, compile=a.compile)
 
     # --- optimizer: weight decay on matrices only (norm gains stay undecayed, as in nanoGPT) ----------
     named = list(model.named_parameters())
@@ -307,25 +350,27 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     if a.adam_moments == "bf16":
         optimizer = AdamWBF16Moments(groups, lr=a.lr, betas=(a.beta1, a.beta2))
     else:
-        optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), fused=True)
-    if a.compile:
-        # Compiled from outside the model: attention and the dense / shared-expert FFNs. The routed
-        # experts stay eager: torch 2.13 traces grouped_mm in bf16 only. (On 2 CPU cores this buys
-        # ~10% per step after ~1.5 minutes of compiling: worth it for long runs only.)
-        for module in model.modules():
-            if isinstance(module, (MLA, MLP)):
-                module.compile()
+        optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), fused=not d.enabled)
+    if plain_state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, plain_state, options=StateDictOptions(full_state_dict=True))
 
     # --- throughput ceiling and model FLOPs --------------------------------------------------------
     # The ceiling is re-measured at every validation and the best kept: a neighbour's job during
     # one measurement would otherwise inflate the MFU of the whole run.
-    peak = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    peak = d.world_size * measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     flops_tok = flops_per_token(model, seq_len, mtp=has_mtp)
 
     # --- state: fresh or restored --------------------------------------------------------------------
-    log = JsonlLog(a.out / "metrics.jsonl")
+    log = JsonlLog(a.out / "metrics.jsonl") if d.is_main else _NoLog()
     if resume_from is not None:
-        state = load_trainer_state(resume_from, model, optimizer)
+        if is_sharded(resume_from):
+            state = load_sharded(resume_from, model, optimizer)
+        elif plain_state is not None:
+            state = read_trainer_state(resume_from)
+        else:
+            state = load_trainer_state(resume_from, model, optimizer)
         loader.load_state_dict(state["loader"])
         step, tokens, total_tokens = state["step"], state["tokens"], state["total_tokens"]
         nonfinite, elapsed_before = state["nonfinite"], state["train_seconds"]
@@ -341,9 +386,10 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         else:
             with dsa.paused() if dsa else contextlib.nullcontext():
                 total_tokens = budget_from_minutes(a, model, seq_len, device, amp, t_start)
+            total_tokens = int(agree([total_tokens], d, "min")[0])  # every rank the same budget
     sched = Schedule(total_tokens=total_tokens, lr=a.lr, warmup_steps=a.warmup_steps, decay_start=a.decay_start,
                      decay_end=a.decay_end, tail_switch=a.tail_switch, batch_size=a.batch_size,
-                     batch_start=a.batch_start, batch_ramp=a.batch_ramp, micro_batch=a.micro_batch,
+                     batch_start=a.batch_start, batch_ramp=a.batch_ramp, micro_batch=a.micro_batch * dp,
                      mtp_lambda=a.mtp_lambda, mtp_lambda_late=a.mtp_lambda_late, mtp_switch=a.mtp_switch,
                      bias_gamma=a.bias_gamma, bias_freeze=a.bias_freeze)
     print(f"model: {a.preset} {model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M "
@@ -368,8 +414,16 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                      "schedule": dataclasses.asdict(sched),
                      "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
         with stop.critical():
+            if d.enabled:  # sharded: each rank writes its own part
+                return save_run_checkpoint(ckpt_root, step, model, optimizer, model.args, run_state, tok_dir,
+                                           a.keep_last)
             return save_checkpoint(ckpt_root, step, model, optimizer, run_state, tokenizer_dir=tok_dir,
                                    keep_last=a.keep_last)
+
+    def together(flag: bool) -> bool:
+        """The same branch on every rank (true when any rank's flag is): one rank leaving the loop
+        alone would leave the others waiting in a collective."""
+        return agree([float(flag)], d)[0] > 0 if d.enabled else flag
 
     # --- the loop --------------------------------------------------------------------------------------
     # A signal sets stop.requested: the step in flight finishes, a checkpoint of it is written and the
@@ -380,7 +434,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         first = run_eval()
         print(f"step 0: val loss {first['val_loss']:.4f}, {fmt_bpb(first['val_bpb'])}")
     params = [p for _, p in named]
-    bar = tqdm(total=total_tokens, initial=tokens, unit="tok", unit_scale=True, disable=a.quiet,
+    bar = tqdm(total=total_tokens, initial=tokens, unit="tok", unit_scale=True, disable=a.quiet or not d.is_main,
                dynamic_ncols=True, mininterval=1.0)
     bad_streak, train_seconds, last_saved, stop_reason = 0, 0.0, step if resume_from else None, "done"
     interrupted = None  # "--stop-at" or the signal's name
@@ -391,11 +445,11 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     t_loop, tokens_loop = time.perf_counter(), tokens
     committed = loader.state_dict()  # the data position after the last completed step
     try:
-        while tokens < total_tokens and not stop.requested:
+        while tokens < total_tokens and not (stop.requested and not d.enabled):
             t0 = time.perf_counter()
             batch = sched.batch_at(tokens)
             lr, lam, gamma = sched.lr_at(step, tokens), sched.mtp_lambda_at(tokens), sched.gamma_at(tokens)
-            accum = batch // a.micro_batch
+            accum = batch // (a.micro_batch * dp)  # micro-batches per rank
             losses, counts = torch.zeros(5, device=device), None  # ce, mtp, balance, indexer KL, kept mass
             for _ in range(accum):
                 inputs, targets = (t.to(device, non_blocking=True) for t in next(loader))
@@ -408,7 +462,11 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                 losses += torch.stack([parts.ce, parts.mtp, parts.balance, torch.as_tensor(kl).detach().float(),
                                        torch.tensor(kept)])
                 counts = parts.counts if counts is None else counts + parts.counts
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
+            if d.enabled:  # global norm over shards on different meshes; global means and loads
+                grad_norm = clip_grad_norm_(params, a.grad_clip)
+                losses, counts = mean_over_ranks(losses), global_counts(counts) if counts is not None else None
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
             ce, mtp, bal, kl, kept = (losses / accum).tolist()  # one host sync per step
             skipped = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(kl) and math.isfinite(grad_norm))
             with stop.critical():  # the step is applied and recorded whole, or not at all
@@ -440,11 +498,12 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                 bar.close()
                 raise SystemExit(f"nanoseek train: error: {bad_streak} non-finite steps in a row at step {step} "
                                  f"(lr {lr:.2e}); stopping. The last good checkpoint is {latest_checkpoint(ckpt_root)}")
-            if stop.requested:
+            if together(stop.requested is not None):
+                stop.requested = stop.requested or "SIGTERM"  # another rank got the signal
                 break
             if a.eval_every and step % a.eval_every == 0 and tokens < total_tokens:
                 r = run_eval()
-                peak = max(peak, measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
+                peak = max(peak, d.world_size * measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
                 bar.write(f"step {step}: val loss {r['val_loss']:.4f}, {fmt_bpb(r['val_bpb'])}, "
                           f"val MaxVio {sum(r['val_maxvio']) / max(1, len(r['val_maxvio'])):.3f}")
             if a.save_every and step % a.save_every == 0:
@@ -453,16 +512,17 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
             if a.stop_at is not None and step >= a.stop_at and tokens < total_tokens:
                 interrupted = "--stop-at"
                 break
-            if replan_at and time.perf_counter() - t_start >= replan_at[0]:
+            if replan_at and together(time.perf_counter() - t_start >= replan_at[0]):
                 replan_at.pop(0)
                 now = time.perf_counter()
                 rate = (tokens - tokens_loop) / (now - t_loop)
                 planned = tokens + int(rate * (a.max_minutes * 60 - (now - t_start) - FINAL_SECONDS))
+                planned = int(agree([planned], d, "min")[0])
                 if sched.batch_ramp * planned < tokens < sched.decay_start * min(planned, total_tokens):
                     total_tokens = sched.total_tokens = planned
                     bar.total = planned
                     bar.write(f"budget re-planned at {rate:,.0f} tokens/s: {planned:,} tokens")
-            if a.max_minutes is not None and time.perf_counter() - t_start > a.max_minutes * 60:
+            if a.max_minutes is not None and together(time.perf_counter() - t_start > a.max_minutes * 60):
                 stop_reason = f"stopped at step {step}: --max-minutes {a.max_minutes} reached"
                 break
     except KeyboardInterrupt:  # a second signal: drop the step in flight, keep the last completed one
@@ -478,10 +538,14 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         print(f"{how} at step {step}: checkpoint {latest_checkpoint(ckpt_root)}; continue with: "
               f"nanoseek train --out {a.out} --resume", file=sys.stderr if interrupted != "--stop-at" else sys.stdout)
         return 0 if interrupted == "--stop-at" else stop.exit_code
+    if d.enabled and d.is_main:  # the sharded checkpoint also in the HF layout, for generate / serve / transformers
+        export_hf(latest_checkpoint(ckpt_root), latest_checkpoint(ckpt_root))
 
     # --- final evaluation, samples, report --------------------------------------------------------------
     final = run_eval()
-    peak = max(peak, measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
+    peak = max(peak, d.world_size * measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
+    if not d.is_main:
+        return 0
     records = read_jsonl(log.path)
     first = next(r for r in records if r["kind"] == "val")
     samples = show_samples(model, tokenizer, a.samples) if a.samples else []
@@ -529,6 +593,29 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
           f"bits/byte {fmt_bpb(first['val_bpb'], '')} -> {fmt_bpb(final['val_bpb'], '')}; "
           f"{summary['tok_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}; report: {report}")
     return 0
+
+
+class _NoLog:
+    """Ranks other than 0 write no metrics (rank 0 logs the global values)."""
+
+    def write(self, rec: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+
+def plain_optimizer_state(path: Path, model: Transformer, a: argparse.Namespace) -> dict:
+    """A one-process checkpoint's AdamW moments as full tensors by parameter name, read into the plain
+    model before parallelize (set_optimizer_state_dict then shards them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
+         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}], lr=a.lr, betas=(a.beta1, a.beta2))
+    load_trainer_state(path, model, optimizer)
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
 
 
 def budget_from_minutes(a, model, seq_len, device, amp, t_start) -> int:
