@@ -42,6 +42,7 @@ BENCHES = {
     "serve": "nanoseek.bench.serve",
     "balance": "nanoseek.bench.balance",
     "dsa": "nanoseek.bench.dsa",
+    "parallel": "nanoseek.bench.parallel",
     "sft": "nanoseek.bench.sft",
     "grpo": "nanoseek.bench.grpo",
 }

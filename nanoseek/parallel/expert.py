@@ -47,8 +47,9 @@ class ExpertParallel(nn.Module):
     """Drop-in for `Experts` across the EP group: forward(x [N, D], indices [N, K], weights [N, K]) -> [N, D].
 
     gate_up_proj: DTensor [E, 2*inter, D], down_proj: DTensor [E, D, inter], both Shard(0) over ep_mesh.
-    Statistics of the last forward: `max_ranks` (int tensor, ranks one token reached at most) and
-    `rows_sent` (token rows this rank sent to other ranks, dispatch only; combine returns as many).
+    Statistics: `max_ranks` (int tensor, the most ranks one token reached in the last forward) and
+    `rows_sent` (token rows this rank has sent to other ranks so far, dispatch only; the combine
+    returns as many).
     """
 
     def __init__(self, experts: Experts, ep_mesh):
@@ -80,7 +81,7 @@ class ExpertParallel(nn.Module):
         recv_counts = recv_counts.view(ep, n_local)
         send_splits = counts.view(ep, n_local).sum(dim=1).tolist()
         recv_splits = recv_counts.sum(dim=1).tolist()
-        self.rows_sent = sum(send_splits) - send_splits[self.ep_rank]
+        self.rows_sent += sum(send_splits) - send_splits[self.ep_rank]
 
         received = all_to_all_single_autograd(x[token], recv_splits, send_splits, self.group)
         # Received rows are grouped by source rank, then by local expert: regroup by local expert.

@@ -128,7 +128,7 @@ def global_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def a2a_rows(model: nn.Module) -> int:
-    """Token rows this rank sent to other EP ranks in the last forward, summed over MoE layers."""
+    """Token rows this rank has sent to other EP ranks so far (dispatch), summed over MoE layers."""
     return sum(m.rows_sent for m in model.modules() if isinstance(m, ExpertParallel))
 
 
