@@ -101,7 +101,7 @@ from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_tra
 # numbers); every other setting comes from the saved run, and typing a different value is an error.
 FREE_ON_RESUME = {"data", "tokenizer", "out", "resume", "device", "compile", "max_minutes", "stop_at", "eval_every",
                   "eval_batches", "save_every", "keep_last", "samples", "max_nonfinite", "quiet",
-                  "dp_shard", "ep", "activation_checkpoint"}
+                  "dp_shard", "ep", "activation_checkpoint", "micro_batch"}  # layout and accumulation: rounding only
 FINAL_SECONDS = 20  # what a --max-minutes run keeps for its final evaluation, samples and report
 PROMPTS = ["import os\n", "def __init__(self", "class ", "    for i in range("]
 FIM_EXAMPLE = ("def add(a, b):\n    ", "\n\n\nprint(add(1, 2))\n")
@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("batch")
     g.add_argument("--seq-len", type=int_in(1), help="tokens per sequence (default: the data's meta.json, V3: 4096)")
     g.add_argument("--batch-size", type=int_in(1), default=16, help="sequences per optimizer step (V3: 15360)")
-    g.add_argument("--micro-batch", type=int_in(1), help="sequences per forward pass; gradient accumulation makes up the "
-                                                  "rest (default: --batch-size)")
+    g.add_argument("--micro-batch", type=int_in(1), help="sequences per forward pass on each rank; gradient accumulation "
+                                                  "makes up the rest (default: --batch-size / world size)")
     g.add_argument("--batch-start", type=int_in(1), help="batch size at step 0, ramped up linearly (default: 1/5 of "
                                                   "--batch-size as V3's 3072 -> 15360; = --batch-size: no ramp)")
     g.add_argument("--batch-ramp", type=float_in(0, 1), default=V3.V3_BATCH_RAMP,
@@ -208,7 +208,7 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 def complete_args(a: argparse.Namespace) -> argparse.Namespace:
     """Defaults that depend on other flags, and the checks between flags (after a resume merged them)."""
-    a.micro_batch = a.micro_batch or a.batch_size
+    a.micro_batch = a.micro_batch or max(1, a.batch_size // torchrun_world()[1])  # per rank: the global batch split
     if a.batch_start is None:
         a.batch_start = max(a.micro_batch, round(a.batch_size * V3.V3_BATCH_START_RATIO))
     if a.batch_size % a.micro_batch:
@@ -544,11 +544,11 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     # --- final evaluation, samples, report --------------------------------------------------------------
     final = run_eval()
     peak = max(peak, d.world_size * measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
+    samples = show_samples(model, tokenizer, a.samples) if a.samples else []  # every rank: FSDP/EP forwards
     if not d.is_main:
         return 0
     records = read_jsonl(log.path)
     first = next(r for r in records if r["kind"] == "val")
-    samples = show_samples(model, tokenizer, a.samples) if a.samples else []
     train_recs = [r for r in records if r["kind"] == "train"]
     tail = [r for r in train_recs[-max(1, len(train_recs) // 10):] if "maxvio" in r]
     maxvio_batch = [sum(r["maxvio"][i] for r in tail) / len(tail) for i in range(len(tail[0]["maxvio"]))] if tail else []
