@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.checkpoint import CheckpointError, resolve_model_dir
 from nanoseek.inference import Engine
 from nanoseek.model import Transformer, preset
 from nanoseek.model.args import parse_overrides
@@ -90,6 +91,11 @@ def parse_args(argv):
     a.batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
     a.prompt_lens = [int(x) for x in a.prompt_lens.split(",")]
     a.peers = a.peers.split(",")
+    if a.model is not None:  # a model dir, or a run (RUN, RUN/checkpoints, the latest pointer)
+        try:
+            a.model = resolve_model_dir(a.model)
+        except CheckpointError as e:
+            p.error(f"--model {e}")
     return a
 
 

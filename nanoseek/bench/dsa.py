@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.bench.decode import cpu_pressure
+from nanoseek.checkpoint import CheckpointError, resolve_model_dir
 from nanoseek.model import Transformer, preset
 from nanoseek.model.args import parse_overrides
 from nanoseek.model.indexer import key_cache_width, set_fp8_keys, set_sparse
@@ -69,6 +70,11 @@ def parse_args(argv):
         p.error(f"--contexts must be comma-separated integers, got {a.contexts!r}")
     if min(a.contexts) < 1 or a.steps < 1 or a.repeats < 1 or a.hf_context < 16 or a.fp8_context < 16:
         p.error("--contexts, --steps, --repeats must be >= 1; --hf-context, --fp8-context >= 16")
+    if a.model is not None:  # a model dir, or a run (RUN, RUN/checkpoints, the latest pointer)
+        try:
+            a.model = resolve_model_dir(a.model)
+        except CheckpointError as e:
+            p.error(f"--model {e}")
     return a
 
 
