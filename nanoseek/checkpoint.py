@@ -201,8 +201,13 @@ def _read_other_shard(file: Path, name: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
 
-def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Transformer:
+def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         head: str = "lm") -> Transformer:
     """Load an HF-layout directory into a Transformer.
+
+    head="score": a sequence-classification checkpoint (transformers' DeepseekV3ForSequenceClassification,
+    nanoseek.rl.reward_model): lm_head.weight is optional (zeros when absent) and `score.weight` is left
+    for the caller to read.
 
     dtype None: float32 on CPU (bf16 matmuls are very slow there), the checkpoint's torch_dtype
     elsewhere. FP8 weights are dequantised, except with dtype="fp8": then the layers DeepSeek-V3
@@ -219,8 +224,9 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     files, weight_map = _shard_files(path)
     if args.num_nextn_predict_layers and not _has_layer(files, args.num_hidden_layers):
         # transformers drops MTP modules when it saves; such a checkpoint is still a whole model.
-        warnings.warn(f"{path}: config has num_nextn_predict_layers={args.num_nextn_predict_layers} but the "
-                      "checkpoint holds no MTP tensors; loading without MTP modules")
+        if head != "score":  # (a reward model never has them)
+            warnings.warn(f"{path}: config has num_nextn_predict_layers={args.num_nextn_predict_layers} but "
+                          "the checkpoint holds no MTP tensors; loading without MTP modules")
         args = args.replace(num_nextn_predict_layers=0)
     device = torch.device(device)
     fp8_resident = dtype == "fp8"
@@ -231,12 +237,17 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     expected = {name for name, _ in internal_to_hf(model)}
+    if head == "score":
+        expected.discard("lm_head.weight")
     fp8_slots = to_fp8_inference(model, dtype, block) if fp8_resident else {}
     model = model.to_empty(device=device)
     for module in model.modules():  # the balancing bias stays fp32 whatever the compute dtype
         if getattr(module, "e_score_correction_bias", None) is not None:
             module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
     params = dict(model.state_dict(keep_vars=True))
+    if head == "score":
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
     seen: set[str] = set()
 
     for file in files:
@@ -248,6 +259,8 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
             keys = set(f.keys())
             names = keys | set(weight_map or ())  # this shard's tensors and, through the index, the others'
             for name in sorted(keys):
+                if head == "score" and name == "score.weight":
+                    continue
                 if name.endswith("_scale_inv"):
                     if name[: -len("_scale_inv")] not in names:
                         raise CheckpointError(f"{file}: {name} has no matching weight tensor")
@@ -326,11 +339,14 @@ def _check_shape(file: Path, name: str, got, want) -> None:
 
 
 # --- save ------------------------------------------------------------------------------------
-def save(model: Transformer, path, max_shard_size: int = 2 << 30) -> None:
+def save(model: Transformer, path, max_shard_size: int = 2 << 30, score: torch.Tensor | None = None,
+         config_extra: dict | None = None) -> None:
     """Write `model` to `path` in the HF layout, atomically.
 
     Shards at `max_shard_size` bytes (index written when there is more than one shard). Files in an
     existing `path` that are not model files (tokenizer, generation config, ...) are kept.
+    score: a sequence-classification head [num_labels, hidden] written as `score.weight` in place of
+    lm_head.weight; config_extra: keys merged into config.json (architectures, id2label, ...).
     """
     path = Path(path)
     if is_fp8_resident(model):
@@ -341,7 +357,10 @@ def save(model: Transformer, path, max_shard_size: int = 2 << 30) -> None:
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for name, t in internal_to_hf(model):
+        tensors = internal_to_hf(model)
+        if score is not None:
+            tensors = [(n, t) for n, t in tensors if n != "lm_head.weight"] + [("score.weight", score)]
+        for name, t in tensors:
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_size:
                 shards.append({})
@@ -362,6 +381,7 @@ def save(model: Transformer, path, max_shard_size: int = 2 << 30) -> None:
         config = model.args.to_config()
         config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
         config.pop("quantization_config", None)  # we write dequantised weights
+        config.update(config_extra or {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if path.exists():
             for item in path.iterdir():

@@ -402,7 +402,7 @@ def _norm_scaling(scaling: dict | None) -> dict | None:
 _IGNORED_KEYS = {
     "architectures", "auto_map", "transformers_version", "use_cache", "pretraining_tp", "num_key_value_heads",
     "aux_loss_alpha", "seq_aux", "ep_size", "output_router_logits", "router_aux_loss_coef", "_name_or_path",
-    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "num_labels", "problem_type",
     "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder", "_attn_implementation_autoset",
     "max_window_layers", "use_sliding_window", "sliding_window",
 }

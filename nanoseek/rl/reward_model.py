@@ -1,0 +1,144 @@
+"""Reward models: a scalar `score` head on a DeepSeek trunk, trained with the Bradley–Terry loss.
+
+    rm = RewardModel.from_pretrained("runs/rm/checkpoints/latest")    # or a base model: new head
+    rewards = rm(input_ids)                                           # [B, T] right-padded -> [B]
+    loss = bt_loss(rm(chosen_ids), rm(rejected_ids), margin)          # -log σ(r_c - r_r - m), mean
+
+The layout is transformers' `DeepseekV3ForSequenceClassification` (GenericForSequenceClassification):
+`model.*` the trunk's tensors, `score.weight` [num_labels = 1, hidden] (a Linear without bias on the
+final-norm hidden states), config.json with architectures [...ForSequenceClassification], id2label /
+label2id of one label and pad_token_id. The reward of a sequence is the score at its last non-pad
+token (the rightmost position whose id differs from pad_token_id, transformers' rule), so
+transformers loads our reward models and we load theirs with the same scores. The trunk is the
+nanoseek Transformer unchanged (its lm_head is unused; MTP modules are dropped).
+
+Sources: the Bradley–Terry objective as in InstructGPT (Ouyang et al. 2022, eq. 1) and TRL's
+RewardTrainer (`-logsigmoid(chosen - rejected - margin)`); V3 §5.2 / R1 §2.3.4 use such reward
+models for general-domain prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from nanoseek.checkpoint import CheckpointError, load, resolve_model_dir, save
+from nanoseek.model import Transformer
+
+
+def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley–Terry loss -log σ(r_chosen - r_rejected - margin), averaged over pairs. All [N]."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+def last_token_index(input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """[B, T] -> [B]: the rightmost position whose id is not pad_id (transformers' rule; 0 for an
+    all-pad row); T - 1 everywhere when there is no pad id."""
+    B, T = input_ids.shape
+    if pad_id is None:
+        return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+    idx = torch.arange(T, device=input_ids.device)
+    return (idx * (input_ids != pad_id)).argmax(-1)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Right-pad token lists into a [B, max len] LongTensor."""
+    T = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in seqs], dtype=torch.long)
+
+
+class RewardModel(nn.Module):
+    """A Transformer trunk (`model`, HF names) and a `score` Linear(hidden, 1, bias=False)."""
+
+    def __init__(self, model: Transformer, score: torch.Tensor | None = None):
+        super().__init__()
+        if len(model.mtp):  # the reward reads the main trunk only
+            model.mtp = nn.ModuleList()
+            model.args = model.args.replace(num_nextn_predict_layers=0)
+        self.model = model
+        D = model.args.hidden_size
+        p = model.embed_tokens.weight
+        self.score = nn.Linear(D, 1, bias=False, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            if score is None:  # transformers' _init_weights for a new Linear
+                self.score.weight.normal_(0.0, model.args.initializer_range)
+            else:
+                if tuple(score.shape) != (1, D):
+                    raise CheckpointError(f"score.weight has shape {tuple(score.shape)}; a reward model needs "
+                                          f"(1, {D}) (num_labels 1)")
+                self.score.weight.copy_(score)
+        model.lm_head.weight.requires_grad_(False)  # not part of the reward
+
+    @property
+    def args(self):
+        return self.model.args
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.model.args.pad_token_id
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T], right-padded with pad_token_id -> rewards [B] (fp32)."""
+        hidden = self.model.run(input_ids, logits=False).hidden  # [B, T, D] after the final norm
+        last = last_token_index(input_ids, self.pad_id)
+        h = hidden[torch.arange(input_ids.shape[0], device=hidden.device), last]  # [B, D]
+        return self.score(h).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score_sequences(self, seqs: list[list[int]], batch_size: int = 16) -> list[float]:
+        """Rewards of token lists, in batches (right-padded; a sequence must not end in pad ids)."""
+        pad = self.pad_id if self.pad_id is not None else 0
+        out: list[float] = []
+        device = self.score.weight.device
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i:i + batch_size]
+            if self.pad_id is None and len({len(s) for s in chunk}) > 1:
+                out += [self(torch.tensor([s], device=device)).item() for s in chunk]
+                continue
+            out += self(pad_batch(chunk, pad).to(device)).tolist()
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu",
+                        pad_token_id: int | None = None) -> "RewardModel":
+        """A reward-model dir (score.weight: ours or transformers') or any DeepSeek checkpoint (a new,
+        randomly initialised head). pad_token_id: used when the config has none."""
+        path = resolve_model_dir(path)
+        try:
+            config = json.loads((Path(path) / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}/config.json: cannot read ({e})") from None
+        is_rm = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+        model = load(path, dtype=dtype, device=device, head="score" if is_rm else "lm")
+        if model.args.pad_token_id is None and pad_token_id is not None:
+            model.args = model.args.replace(pad_token_id=pad_token_id)
+        score = _read_tensor(Path(path), "score.weight") if is_rm else None
+        if is_rm and score is None:
+            raise CheckpointError(f"{path}: config.json names a ForSequenceClassification model but no "
+                                  f"score.weight tensor is stored")
+        return cls(model, score).eval()
+
+    def save_pretrained(self, path) -> None:
+        """transformers' DeepseekV3ForSequenceClassification layout, atomically (see module doc)."""
+        arch = self.model.args.to_config()["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")
+        save(self.model, path, score=self.score.weight,
+             config_extra={"architectures": [arch], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}})
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor | None:
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if name in f.keys():
+                    return f.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{file}: cannot read ({e})") from None
+    return None
