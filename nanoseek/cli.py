@@ -10,6 +10,7 @@
     nanoseek sample    rejection sampling: completions the reward accepts, as chat JSONL
     nanoseek convert   FP8 <-> BF16/FP32 checkpoint conversion on CPU: fp8-to-bf16 | to-fp8
     nanoseek grpo      GRPO with rule rewards, rollouts on the engine (R1 / R1-Zero reasoning RL)
+    nanoseek rm        reward model: a score head trained on preference pairs (Bradley–Terry)
     nanoseek bench     benchmarks against transformers: train | decode | serve
 
 Each stage parses its own flags (`nanoseek STAGE --help`). Stages are imported only when run, so
@@ -35,6 +36,7 @@ STAGES = {
     "convert": ("nanoseek.stages.convert", "FP8 <-> BF16/FP32 checkpoint conversion on CPU (streaming)"),
     "plan-experts": ("nanoseek.stages.plan_experts", "expert placement with redundant copies from logged loads (EPLB)"),
     "grpo": ("nanoseek.stages.grpo", "GRPO with rule rewards on the engine (R1 / R1-Zero reasoning RL)"),
+    "rm": ("nanoseek.stages.rm", "reward model on preference pairs (Bradley–Terry, transformers' layout)"),
 }
 BENCHES = {
     "train": "nanoseek.bench.train",
