@@ -43,6 +43,7 @@ BENCHES = {
     "decode": "nanoseek.bench.decode",
     "serve": "nanoseek.bench.serve",
     "balance": "nanoseek.bench.balance",
+    "fp8": "nanoseek.bench.fp8",
     "dsa": "nanoseek.bench.dsa",
     "parallel": "nanoseek.bench.parallel",
     "sft": "nanoseek.bench.sft",

@@ -274,3 +274,26 @@ def test_fp8_training_resumes_bitwise(data, tmp_path):
 
     split = [r for r in read_jsonl(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["loss"] for r in split] == [r["loss"] for r in full]
+
+
+def test_sft_precision_fp8_learns(tmp_path):
+    from nanoseek.data import train_bpe
+    from nanoseek.rl.tasks import arithmetic, worked_solutions
+    from nanoseek.stages import sft
+    from nanoseek.train.metrics import read_jsonl
+
+    rows = worked_solutions(arithmetic(30, seed=0, digits=2, ops="+"))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_bpe([json.dumps(r) for r in rows], vocab_size=400).save(tmp_path / "tok")
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32,
+                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32,
+                 n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    sets = [x for k, v in small.items() for x in ("--set", f"{k}={v}")]
+    argv = ["--init-preset", "tiny", "--tokenizer", tmp_path / "tok", "--data", tmp_path / "chat.jsonl",
+            "--out", tmp_path / "run", *sets, "--seq-len", "192", "--batch-size", "2", "--lr", "1e-2",
+            "--eval-every", "0", "--samples", "0", "--quiet", "--epochs", "2", "--precision", "fp8",
+            "--adam-moments", "bf16"]
+    assert sft.main([str(x) for x in argv]) == 0
+    assert all(r["precision"] == "fp8" for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["precision"] == "fp8" and summary["final_val_loss"] < summary["initial_val_loss"] - 0.5

@@ -190,11 +190,14 @@ def _scaled_mm_cuda(a, a_scale, b, b_scale, b_blocks, out_dtype):
     Mp, Np, Kp = (ceil_div(d, 128) * 128 for d in (M, N, K))
     kb = ceil_div(Kp // 128, 4) * 4
 
-    def pad8(t, rows):  # fp8 tensors: pad through a uint8 view (F.pad has no fp8 kernels)
+    def pad8(t, rows):  # fp8 tensors: pad through a uint8 view (F.pad has no fp8 kernels); no copy when aligned
+        t = t.contiguous()
+        if (rows, Kp) == tuple(t.shape):
+            return t
         return F.pad(t.view(torch.uint8), (0, Kp - K, 0, rows - t.shape[0])).view(E4M3)
 
-    a_q = pad8(a.contiguous(), Mp)
-    b_q = pad8(b.contiguous(), Np)
+    a_q = pad8(a, Mp)
+    b_q = pad8(b, Np)
     a_s = F.pad(a_scale.float(), (0, Kp // 128 - a_scale.shape[1], 0, Mp - M), value=1.0)
     a_s = a_s.t().contiguous().t()
     if b_blocks:

@@ -55,6 +55,7 @@ from nanoseek.data.chat import PackedBatch, pack, pack_rows, read_chat_jsonl
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
 from nanoseek.model.args import parse_overrides
+from nanoseek.quant.training import AdamWBF16Moments, to_fp8_training
 from nanoseek.train.balance import max_vio
 from nanoseek.train.loss import sft_evaluate, sft_loss
 from nanoseek.train.metrics import JsonlLog, read_jsonl
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: fp32 on CPU, bf16 on GPU")
+    g.add_argument("--precision", default="default", choices=["default", "fp8"],
+                   help="fp8: FP8 GEMMs in the Linear layers and experts (V3 §3.3, nanoseek/quant/training.py)")
+    g.add_argument("--adam-moments", default="fp32", choices=["fp32", "bf16"], help="dtype of AdamW's moments")
     g.add_argument("--eval-every", type=int_in(0), default=50, help="validation every N steps (0: start and end only)")
     g.add_argument("--save-every", type=int_in(0), default=0, help="checkpoint every N steps (0: at the end only)")
     g.add_argument("--keep-last", type=int_in(0), default=2, help="checkpoints to keep (0: all)")
@@ -240,6 +244,9 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     model, tokenizer, _ = load_start(a, resume_from, device)
+    if a.precision == "fp8":  # from outside the model: the same parameters, FP8 GEMMs
+        to_fp8_training(model)
+    precision = "fp8" if a.precision == "fp8" else "bf16" if bf16 else "fp32"
     model.train()
     # Checkpoints copy the tokenizer from a directory that holds nothing else (a model dir would
     # overwrite the new weights with the old ones).
@@ -289,10 +296,12 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
             p.requires_grad_(False)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
-         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
-        lr=a.lr, betas=(a.beta1, a.beta2), fused=True)
+    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    if a.adam_moments == "bf16":
+        optimizer = AdamWBF16Moments(groups, lr=a.lr, betas=(a.beta1, a.beta2))
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), fused=True)
     step, tokens, nonfinite, seconds_before = 0, 0, 0, 0.0
     log = JsonlLog(a.out / "metrics.jsonl")
     if resume_from is not None:
@@ -354,7 +363,8 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 rec = {"kind": "train", "step": step, "tokens": tokens, "loss": ce,
                        "mtp_loss": mtp if use_mtp else None, "lr": lr, "loss_tokens": n_loss,
                        "data_tokens": n_data, "step_s": dt,
-                       "grad_norm": grad_norm, "tok_per_s": len(batch_rows) * a.seq_len / dt, "skipped": bad}
+                       "grad_norm": grad_norm, "tok_per_s": len(batch_rows) * a.seq_len / dt, "skipped": bad,
+                       "precision": precision}
                 if counts is not None and len(counts):
                     rec["maxvio"] = max_vio(counts).tolist()
                     rec["load"] = (counts / counts.sum(-1, keepdim=True).clamp(min=1)).tolist()
@@ -395,7 +405,8 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                "conversations": len(convs), "val_conversations": len(val), "skipped_rows": skipped.count,
                "truncated_rows": len(skipped.truncated), "initial_val_loss": first["val_loss"],
                "final_val_loss": final, "nonfinite_steps": nonfinite, "train_seconds": seconds,
-               "tok_per_s": tokens / max(seconds, 1e-9), "checkpoint": str(latest_checkpoint(ckpt_root))}
+               "tok_per_s": tokens / max(seconds, 1e-9), "checkpoint": str(latest_checkpoint(ckpt_root)),
+               "precision": precision, "adam_moments": a.adam_moments}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["preset"] = f"SFT from {summary['start']}"
     summary["table"] = {
