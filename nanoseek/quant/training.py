@@ -215,3 +215,16 @@ class AdamWBF16Moments(torch.optim.Optimizer):
                 denom = (v / (1 - b2**t)).sqrt_().add_(eps)
                 p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
         return loss
+
+
+def adamw(named_params, lr: float, betas, weight_decay: float, moments: str = "fp32",
+          fused: bool = True) -> torch.optim.Optimizer:
+    """The AdamW both training stages use: weight decay on matrices only (norm gains and biases stay
+    undecayed, as in nanoGPT); moments "fp32" (torch's AdamW, `fused` unless parameters are
+    distributed) or "bf16" (AdamWBF16Moments)."""
+    named = list(named_params)
+    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    if moments == "bf16":
+        return AdamWBF16Moments(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)

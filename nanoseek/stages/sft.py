@@ -55,7 +55,7 @@ from nanoseek.data.chat import PackedBatch, pack, pack_rows, read_chat_jsonl
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
 from nanoseek.model.args import parse_overrides
-from nanoseek.quant.training import AdamWBF16Moments, to_fp8_training
+from nanoseek.quant.training import adamw, to_fp8_training
 from nanoseek.train.balance import max_vio
 from nanoseek.train.loss import sft_evaluate, sft_loss
 from nanoseek.train.metrics import JsonlLog, read_jsonl
@@ -296,12 +296,7 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
             p.requires_grad_(False)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
-              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
-    if a.adam_moments == "bf16":
-        optimizer = AdamWBF16Moments(groups, lr=a.lr, betas=(a.beta1, a.beta2))
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), fused=True)
+    optimizer = adamw(named, a.lr, (a.beta1, a.beta2), a.weight_decay, a.adam_moments)
     step, tokens, nonfinite, seconds_before = 0, 0, 0, 0.0
     log = JsonlLog(a.out / "metrics.jsonl")
     if resume_from is not None:

@@ -85,7 +85,7 @@ from nanoseek.parallel import (agree, build_mesh, check_layout, clip_grad_norm_,
                                parallelize, quiet_other_ranks, shutdown, torchrun_world)
 from nanoseek.parallel.checkpoint import export_hf, is_sharded, load_sharded, save_run_checkpoint
 from nanoseek.parallel.step import mean_over_ranks
-from nanoseek.quant.training import AdamWBF16Moments, to_fp8_training
+from nanoseek.quant.training import adamw, to_fp8_training
 from nanoseek.train import schedule as V3
 from nanoseek.train.balance import max_vio
 from nanoseek.train.dsa import IndexerLoss, freeze_all_but_indexers
@@ -345,12 +345,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
 
     # --- optimizer: weight decay on matrices only (norm gains stay undecayed, as in nanoGPT) ----------
     named = list(model.named_parameters())
-    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
-              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
-    if a.adam_moments == "bf16":
-        optimizer = AdamWBF16Moments(groups, lr=a.lr, betas=(a.beta1, a.beta2))
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), fused=not d.enabled)
+    optimizer = adamw(named, a.lr, (a.beta1, a.beta2), a.weight_decay, a.adam_moments, fused=not d.enabled)
     if plain_state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
