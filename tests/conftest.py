@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Eager is the reference path: engines (and the servers and CLIs tests start) compile only when a
 # test asks (compile=True, or tests/test_engine_speed.py, which unsets this to test the default).
 os.environ.setdefault("NANOSEEK_COMPILE", "0")
+# Compiled artefacts of this run, shared by every test and the processes they start, kept out of
+# the user's ~/.cache/nanoseek (compiling is what makes compile tests slow on 2 cores).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanoseek-test-inductor-")
 
 
 @pytest.fixture(autouse=True)

@@ -573,11 +573,14 @@ def test_bench_decode_smoke(tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     assert decode.main(["--set", "num_hidden_layers=2", "--batch-sizes", "1,2", "--prompt-lens", "16",
                         "--new-tokens", "4", "--repeats", "1", "--no-compile", "--mtp-prompt-len", "16",
-                        "--out", str(out)]) == 0
+                        "--e2e-new-tokens", "4", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "speed-up" in text and "acceptance" in text
+    assert "speed-up" in text and "acceptance" in text and "end to end" in text
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    cells = [r for r in rows if "batch" in r]
+    e2e = [r for r in rows if r.get("table") == "e2e"]
+    assert {(r["shape"], r["batch"]) for r in e2e} == {("tiny", 1), ("tiny", 2), ("wide", 1), ("wide", 2)}
+    assert all(r["default_s"] > 0 and r["transformers_s"] > 0 for r in e2e)
+    cells = [r for r in rows if "batch" in r and "table" not in r]
     assert len(cells) == 2 and all(r["nanoseek_cache_bytes"] == r["formula_cache_bytes"] for r in cells)
     assert all(r["transformers_tok_s"] > 0 for r in cells)
     assert [r["identical"] for r in rows if "checkpoint" in r] == [True]

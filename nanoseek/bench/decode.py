@@ -33,8 +33,19 @@ The default checkpoint is the `tiny` preset with random weights (the size this p
 on 2 CPU cores), max_position_embeddings raised to fit the longest prompt; --preset small is the
 8-layer, 117M-parameter size, where batch-1 decoding is bound by reading the weights from memory.
 
+**Default settings end to end** (the `e2e` table): what a user gets calling
+`Engine(model).generate(prompts, max_new_tokens=N)` with every default, timed from the call to
+its return (prefill included), against `transformers`' `generate` timed the same way, on two
+shapes (--e2e-shapes: `tiny`, and `wide` = tiny with hidden 256 and 16 experts), N in
+--e2e-new-tokens (64, 128). The default engine is a fresh one per cell, as a new user's; its
+first call is shown apart (`first`), and the `compiled` column is an engine made with
+compile=True and warmed up (a server, or a long session once the automatic mode has switched;
+plain decoding). Per shape it also prints what compiling cost in this process and the
+break-even: the new tokens at batch 1 after which compiling has paid for itself.
+
 MTP speculative decoding is measured at batch 1 against plain decoding of the same prompt:
-acceptance rate, tokens per step and decode tokens/s. On the random checkpoint the MTP head is
+acceptance rate, tokens per step, decode tokens/s, the cost of one speculative step as a multiple
+of a plain step, and speculative="auto" (the default for an MTP checkpoint) against plain. On the random checkpoint the MTP head is
 untrained (acceptance ~0); --mtp-model names a trained checkpoint (given a tokenizer, its prompt is
 the start of Python's argparse.py, the kind of text the tiny run trains on).
 
@@ -74,6 +85,10 @@ def parse_args(argv):
     p.add_argument("--cell-seconds", type=float, default=30.0,
                    help="keep taking turns (up to 10 rounds) while a cell's rounds took less than this")
     p.add_argument("--peers", default="nanoseek,transformers")
+    p.add_argument("--tables", default="decode,e2e,speculative",
+                   help="which tables: decode (decode-only tok/s), e2e (default settings end to end), speculative")
+    p.add_argument("--e2e-shapes", default="tiny,wide", help=f"shapes of the e2e table ({', '.join(SHAPES)})")
+    p.add_argument("--e2e-new-tokens", default="64,128")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile nanoseek's decode step (default on; --no-compile: eager)")
     p.add_argument("--mtp-model", type=Path, help="checkpoint with a trained MTP head for the speculative rows")
@@ -96,7 +111,18 @@ def parse_args(argv):
             a.model = resolve_model_dir(a.model)
         except CheckpointError as e:
             p.error(f"--model {e}")
+    a.tables = a.tables.split(",")
+    a.e2e_shapes = a.e2e_shapes.split(",")
+    a.e2e_new_tokens = [int(x) for x in a.e2e_new_tokens.split(",")]
+    unknown = [t for t in a.tables if t not in ("decode", "e2e", "speculative")] + [
+        s for s in a.e2e_shapes if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown table or shape: {', '.join(unknown)}")
     return a
+
+
+# The e2e table's model shapes: the tiny preset, and a wider one (hidden 256, 16 experts).
+SHAPES = {"tiny": {}, "wide": {"hidden_size": 256, "n_routed_experts": 16}}
 
 
 def checkpoint(a, workdir: Path) -> Path:
@@ -129,29 +155,35 @@ def nanoseek_peer(model, prompts, new_tokens: int, compile=True, speculative=(No
     # Each engine compiles its own graph (its own static cache length); dropping the previous
     # cells' graphs keeps Dynamo's guard checks per step as short as in a fresh process.
     torch._dynamo.reset()
-    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=len(prompts[0]) + new_tokens, compile=compile)
+    engine = Engine(model, max_batch_size=len(prompts), max_seq_len=len(prompts[0]) + new_tokens, compile=compile,
+                    speculative=None)
     for mode in speculative:
-        engine.generate([p[:16] for p in prompts], max_new_tokens=4, ignore_eos=True, speculative=mode)
+        engine.generate([p[:16] for p in prompts], max_new_tokens=4, ignore_eos=True,
+                        speculative="mtp" if mode == "auto" else mode)
 
     def run(mode=None) -> dict:
         outs = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True, speculative=mode)
         s = engine.stats
+        verdict = s.get("speculative_auto", {}).get(1, {}).get("speculating") if mode == "auto" else None
         return dict(decode_tok_s=s["decode_tokens_per_s"], prefill_s=s["prefill_s"], tokens=outs,
                     cache_bytes=engine.cache_bytes_per_token, acceptance=s.get("acceptance_rate"),
-                    tokens_per_step=s["tokens_per_row_step"])
+                    tokens_per_step=s["tokens_per_row_step"], step_s=s["decode_s"] / max(s["decode_steps"], 1),
+                    auto=verdict)
     return run
 
 
-def best_of(runs: dict, repeats: int, seconds: float = 0.0, max_rounds: int = 10) -> dict:
+def best_of(runs: dict, repeats: int, seconds: float = 0.0, max_rounds: int = 10, key: str = "decode_tok_s") -> dict:
     """runs {name: run()}: rounds that run every peer once, at least `repeats` of them and more
     (up to `max_rounds`) while the rounds so far took under `seconds`; the best pass (highest
-    decode tokens/s) of each peer counts, since interference only ever slows a pass down."""
+    `key`, decode tokens/s by default) of each peer counts, since interference only ever slows a
+    pass down. Each peer's first pass is kept as r["first"]."""
     best: dict = {}
     t0, rounds = time.perf_counter(), 0
     while rounds < repeats or (rounds < max_rounds and time.perf_counter() - t0 < seconds):
         for name, run in runs.items():
             r = run()
-            if name not in best or r["decode_tok_s"] > best[name]["decode_tok_s"]:
+            r["first"] = best[name]["first"] if name in best else r[key]
+            if name not in best or r[key] > best[name][key]:
                 best[name] = r
         rounds += 1
     for r in best.values():
@@ -198,7 +230,7 @@ def transformers_peer(hf, prompts, new_tokens: int):
         cache = out.past_key_values
         held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         return dict(decode_tok_s=B * (new_tokens - 1) / (clock.times[-1] - clock.times[0]),
-                    prefill_s=clock.times[0] - t0, tokens=out.sequences[:, P:].tolist(),
+                    prefill_s=clock.times[0] - t0, seconds=time.perf_counter() - t0, tokens=out.sequences[:, P:].tolist(),
                     cache_bytes=held / (B * cache.layers[0].keys.shape[-2]))
     return run
 
@@ -251,6 +283,83 @@ def decode_table(a, model, hf, formula: int) -> list[dict]:
     return rows
 
 
+def e2e_table(a, workdir: Path) -> list[dict]:
+    """Default settings end to end (see the module docstring), per shape, batch, prompt and N."""
+    from torch._dynamo.utils import counters
+
+    rows = []
+    for shape in a.e2e_shapes:
+        need = max(a.prompt_lens) + max(a.e2e_new_tokens) + 8
+        args = preset("tiny", **{"torch_dtype": "float32", "max_position_embeddings": need, **SHAPES[shape],
+                                 **parse_overrides(a.overrides)})
+        torch.manual_seed(a.seed)
+        path = workdir / f"e2e-{shape}"
+        Transformer(args).save_pretrained(path)
+        model = Transformer.from_pretrained(path)
+        hf = load_transformers(path) if "transformers" in a.peers else None
+        print(f"\ndefault settings end to end, shape {shape} (hidden {args.hidden_size}, {args.n_routed_experts} "
+              f"experts, {model.num_params() / 1e6:.1f}M params): seconds per generate call, best of >= {a.repeats} "
+              f"passes; speed-up = transformers s / nanoseek default s", flush=True)
+        header = (f"{'batch':>5} {'prompt':>6} {'new':>4} | {'default s':>9} {'first s':>8} {'mode':>5} | "
+                  f"{'compiled s':>10} | {'transformers s':>14} | {'speed-up':>8} {'compiled':>8}")
+        print(header + "\n" + "-" * len(header), flush=True)
+        compile_note = None
+        for B in a.batch_sizes:
+            for P in a.prompt_lens:
+                for N in a.e2e_new_tokens:
+                    torch._dynamo.reset()
+                    prompts = prompts_for(args.vocab_size, B, P, a.seed)
+                    default = Engine(model, max_batch_size=B, max_seq_len=P + N)
+                    misses = counters["inductor"]["fxgraph_cache_miss"]
+                    compiled = None
+                    if a.compile:  # --no-compile: no compiled column
+                        compiled = Engine(model, max_batch_size=B, max_seq_len=P + N, compile=True, speculative=None)
+                        compiled.warmup()
+                    if compile_note is None and compiled is not None and compiled.stats["compiled"]:
+                        compile_note = (compiled.steps.compile_s,
+                                        counters["inductor"]["fxgraph_cache_miss"] > misses)
+
+                    def timed(engine, B=B, prompts=prompts, N=N):
+                        t0 = time.perf_counter()
+                        engine.generate(prompts, max_new_tokens=N, ignore_eos=True)
+                        s = time.perf_counter() - t0
+                        st = engine.stats
+                        return dict(tok_s=B * N / s, seconds=s, compiled=st["compiled"],
+                                    step_s=st["decode_s"] / max(st["decode_steps"], 1))
+
+                    runs = {"default": lambda: timed(default)}
+                    if compiled is not None:
+                        runs["compiled"] = lambda: timed(compiled)
+                    if hf is not None:
+                        tf = transformers_peer(hf, prompts, N)
+                        runs["transformers"] = lambda tf=tf: (lambda r: dict(r, tok_s=B * N / r["seconds"]))(tf())
+                    best = best_of(runs, a.repeats, a.cell_seconds, key="tok_s")
+                    d, c, t = best["default"], best.get("compiled"), best.get("transformers")
+                    row = dict(table="e2e", shape=shape, batch=B, prompt=P, new_tokens=N, default_s=d["seconds"],
+                               default_first_s=B * N / d["first"], default_compiled=d["compiled"],
+                               compiled_s=c["seconds"] if c else None, transformers_s=t["seconds"] if t else None,
+                               speedup=t["seconds"] / d["seconds"] if t else None,
+                               speedup_compiled=t["seconds"] / c["seconds"] if t and c else None,
+                               default_step_s=d["step_s"], compiled_step_s=c["step_s"] if c else None,
+                               passes=d["rounds"])
+                    rows.append(row)
+                    print(f"{B:>5} {P:>6} {N:>4} | {row['default_s']:>9.3f} {row['default_first_s']:>8.3f} "
+                          f"{'C' if d['compiled'] else 'E':>5} | {_f(row['compiled_s'], d=3):>10} | "
+                          f"{_f(row['transformers_s'], d=3):>14} | {_f(row['speedup'], 'x', 2):>8} "
+                          f"{_f(row['speedup_compiled'], 'x', 2):>8}", flush=True)
+        one = [r for r in rows if r["shape"] == shape and r["batch"] == 1]
+        if compile_note and one:
+            r = min(one, key=lambda r: r["prompt"])
+            saving = r["default_step_s"] - r["compiled_step_s"] if not r["default_compiled"] else None
+            even = f"{compile_note[0] / saving:,.0f} new tokens" if saving and saving > 0 else "n/a"
+            print(f"compiling ({'cold' if compile_note[1] else 'warm disk cache'}): {compile_note[0]:.1f} s; "
+                  f"eager {1e3 * r['default_step_s']:.2f} ms vs compiled {1e3 * r['compiled_step_s']:.2f} ms per "
+                  f"step at batch 1, prompt {r['prompt']}: break-even {even}", flush=True)
+            rows.append(dict(table="break-even", shape=shape, compile_s=compile_note[0], cold=compile_note[1],
+                             eager_step_s=r["default_step_s"], compiled_step_s=r["compiled_step_s"]))
+    return rows
+
+
 def speculative_table(a, model) -> list[dict]:
     print(f"\nMTP speculative decoding vs plain, batch 1, {a.new_tokens} new tokens", flush=True)
     targets = [("random checkpoint (untrained MTP head)", model, None)]
@@ -262,18 +371,22 @@ def speculative_table(a, model) -> list[dict]:
             print(f"  {name}: no MTP modules")
             continue
         prompts = _mtp_prompt(a, m, path)
-        run = nanoseek_peer(m, prompts, a.new_tokens, compile=a.compile, speculative=(None, "mtp"))
-        best = best_of({"plain": run, "mtp": lambda: run("mtp")}, a.repeats, a.cell_seconds)
-        plain, fast = best["plain"], best["mtp"]
+        run = nanoseek_peer(m, prompts, a.new_tokens, compile=a.compile, speculative=(None, "mtp", "auto"))
+        best = best_of({"plain": run, "mtp": lambda: run("mtp"), "auto": lambda: run("auto")},
+                       a.repeats, a.cell_seconds)
+        plain, fast, auto = best["plain"], best["mtp"], best["auto"]
         row = dict(checkpoint=name, prompt=len(prompts[0]), plain_tok_s=plain["decode_tok_s"],
                    mtp_tok_s=fast["decode_tok_s"], acceptance=fast["acceptance"],
                    tokens_per_step=fast["tokens_per_step"], speedup=fast["decode_tok_s"] / plain["decode_tok_s"],
-                   identical=plain["tokens"] == fast["tokens"])
+                   step_cost=fast["step_s"] / plain["step_s"], auto_tok_s=auto["decode_tok_s"],
+                   auto_speedup=auto["decode_tok_s"] / plain["decode_tok_s"], auto_verdict=auto["auto"],
+                   identical=plain["tokens"] == fast["tokens"] == auto["tokens"])
         rows.append(row)
         print(f"  {name}, prompt {row['prompt']}: acceptance {row['acceptance']:.1%}, "
-              f"{row['tokens_per_step']:.2f} tokens/step, {row['plain_tok_s']:.1f} -> {row['mtp_tok_s']:.1f} tok/s "
-              f"({row['speedup']:.2f}x, best of {plain['rounds']} passes each), greedy output identical: {row['identical']}",
-              flush=True)
+              f"{row['tokens_per_step']:.2f} tokens/step, a speculative step costs {row['step_cost']:.2f}x a plain one; "
+              f"{row['plain_tok_s']:.1f} -> {row['mtp_tok_s']:.1f} tok/s ({row['speedup']:.2f}x); "
+              f"auto {row['auto_tok_s']:.1f} tok/s ({row['auto_speedup']:.2f}x plain, verdict {row['auto_verdict']}); "
+              f"best of {plain['rounds']} passes each; greedy output identical: {row['identical']}", flush=True)
     return rows
 
 
@@ -307,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
               f"best of >= {a.repeats} passes | nanoseek {'compiled' if a.compile else 'eager'} | cpu pressure {cpu_pressure()}"
               f"{' | OMP_WAIT_POLICY=' + os.environ['OMP_WAIT_POLICY'] if 'OMP_WAIT_POLICY' in os.environ else ''}",
               flush=True)
-        rows += decode_table(a, model, hf, formula)
-        if not a.no_speculative and "nanoseek" in a.peers:
+        if "decode" in a.tables:
+            rows += decode_table(a, model, hf, formula)
+        if "e2e" in a.tables and "nanoseek" in a.peers:
+            rows += e2e_table(a, Path(tmp))
+        if "speculative" in a.tables and not a.no_speculative and "nanoseek" in a.peers:
             rows += speculative_table(a, model)
     print(f"cpu pressure at the end: {cpu_pressure()}")
     if a.out:

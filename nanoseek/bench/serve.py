@@ -15,6 +15,9 @@ The metrics are those of vLLM's benchmark_serving, per request then summarised:
     TPOT   time per output token: (latency - TTFT) / (output tokens - 1)
     ITL    inter-token latency: gaps between consecutive text chunks, pooled over requests
     output tokens/s: all output tokens of a level / its wall time
+    engine step: the server's mean time in engine.step() calls that only decoded, from its
+           /metrics (nanoseek_engine_decode_step_seconds) over the level; TPOT / step is what a
+           streamed token costs against the engine's own work (1.0 = no server overhead)
 Each client sends its requests back to back (a closed loop, like vLLM's --max-concurrency), so
 "clients" is the number of requests in flight. Requests go to /v1/completions with greedy
 sampling and `ignore_eos`, so every request generates exactly --output-len tokens and levels
@@ -76,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=60.0,
                    help="most seconds a level may spend sending requests (default 60)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    p.add_argument("--start-timeout", type=float, default=900.0,
+                   help="seconds the started server may take to load and compile (default 900)")
     p.add_argument("--serve-args", default="",
                    help="extra `nanoseek serve` flags with --model, e.g. "
                         "--serve-args=\"--threads 1\"")
@@ -193,13 +198,14 @@ def report(rows: list[dict]) -> str:
         return "/".join("-" if s[k] is None else f"{s[k]:.1f}" for k in ("mean", "p50", "p99"))
 
     lines = ["| clients | requests | TTFT ms mean/p50/p99 | TPOT ms mean/p50/p99 | "
-             "ITL ms mean/p50/p99 | output tok/s | req/s |",
-             "|---:|---:|---|---|---|---:|---:|"]
+             "ITL ms mean/p50/p99 | output tok/s | req/s | engine step ms | TPOT / step |",
+             "|---:|---:|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
         lines.append(f"| {r['clients']} | {r['requests']}{failed} | {trio(r['ttft_ms'])} | "
                      f"{trio(r['tpot_ms'])} | {trio(r['itl_ms'])} | {r['output_tok_s']:.1f} | "
-                     f"{r['requests_s']:.2f} |")
+                     f"{r['requests_s']:.2f} | {_opt(r.get('engine_step_ms'), 2)} | "
+                     f"{_opt(r.get('tpot_over_step'), 2, 'x')} |")
     lo = min(rows, key=lambda r: r["clients"])
     hi = max(rows, key=lambda r: r["clients"])
     if hi is not lo and lo["output_tok_s"] > 0:
@@ -207,6 +213,22 @@ def report(rows: list[dict]) -> str:
                      f"{hi['output_tok_s'] / lo['output_tok_s']:.1f}x that at {lo['clients']} "
                      f"(perfect batching: {hi['clients'] / lo['clients']:.0f}x)")
     return "\n".join(lines)
+
+
+def _opt(x, digits: int, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+async def engine_steps(client: httpx.AsyncClient) -> tuple[float, int] | None:
+    """(seconds, count) of the server's decode-only engine steps so far; None if not exposed."""
+    try:
+        r = await client.get("/metrics")
+        values = dict(line.split(" ", 1) for line in r.text.splitlines()
+                      if line.startswith("nanoseek_engine_decode_step_seconds_"))
+        return (float(values["nanoseek_engine_decode_step_seconds_sum"]),
+                int(float(values["nanoseek_engine_decode_step_seconds_count"])))
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
 
 
 async def bench(url: str, a: argparse.Namespace) -> list[dict]:
@@ -218,13 +240,21 @@ async def bench(url: str, a: argparse.Namespace) -> list[dict]:
     # One untimed request first: the first forward pass pays for allocations and warm-up.
     await run_level(url, model, 1, make_prompts(1, a.input_len, a.seed + 999), a)
     rows = []
-    for clients in a.levels:
-        n = a.num_prompts or max(16, 8 * clients)
-        results, wall = await run_level(url, model, clients, make_prompts(n, a.input_len, a.seed), a)
-        row = summarize(clients, results, wall)
-        rows.append(row)
-        print(f"  {clients} clients: {row['requests']} requests in {wall:.1f}s, "
-              f"{row['output_tok_s']:.1f} output tok/s", file=sys.stderr)
+    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as c:
+        for clients in a.levels:
+            n = a.num_prompts or max(16, 8 * clients)
+            before = await engine_steps(c)
+            results, wall = await run_level(url, model, clients, make_prompts(n, a.input_len, a.seed), a)
+            after = await engine_steps(c)
+            row = summarize(clients, results, wall)
+            row["engine_step_ms"] = row["tpot_over_step"] = None
+            if before and after and after[1] > before[1]:
+                row["engine_step_ms"] = 1e3 * (after[0] - before[0]) / (after[1] - before[1])
+                if row["tpot_ms"]["mean"]:
+                    row["tpot_over_step"] = row["tpot_ms"]["mean"] / row["engine_step_ms"]
+            rows.append(row)
+            print(f"  {clients} clients: {row['requests']} requests in {wall:.1f}s, "
+                  f"{row['output_tok_s']:.1f} output tok/s", file=sys.stderr)
     return rows
 
 
@@ -240,7 +270,7 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         cmd += ["--api-key", a.api_key]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + a.start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"nanoseek serve exited with {proc.returncode}")
@@ -251,7 +281,7 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("nanoseek serve did not become ready within 300s")
+    raise SystemExit(f"nanoseek serve did not become ready within {a.start_timeout:.0f}s (--start-timeout)")
 
 
 def main(argv: list[str] | None = None) -> int:

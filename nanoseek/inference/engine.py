@@ -181,8 +181,8 @@ class Engine:
         if compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
             compile = os.environ["NANOSEEK_COMPILE"] == "1"
         mode = {True: "on", False: "off", None: "auto"}[compile]
-        self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step},
-                                   model, mode, self.device)
+        self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step,
+                                    "speculative step": self._greedy_speculative_step}, model, mode, self.device)
         self.reset_stats()
 
     # --- public state ------------------------------------------------------------------------
@@ -336,7 +336,8 @@ class Engine:
             seconds = time.perf_counter() - t0
             if self.speculative == "auto" and not self.steps.just_compiled:
                 self.auto.record(n, speculate, seconds, len(new) / n)
-            if not self.steps.active and self.steps.after_eager_step(seconds):
+            # rent for the automatic compile: eager steps that a compiled graph would have run
+            if not self.steps.active and self._graph_fits(n) and self.steps.after_eager_step(seconds):
                 self.auto = spec.AutoSpeculation()  # compiled steps cost differently: measure again
             self._stats["decode_s"] += seconds
             self._stats["decode_tokens"] += len(new)
@@ -415,12 +416,19 @@ class Engine:
             self._routing = out.routing
         return out.logits, out.hidden
 
+    def _greedy_speculative_step(self, prev, tokens, positions, newest, cache, mtp_cache, kv_len, verify_kv_len):
+        """spec.greedy_step with this engine's model and attention path (compiled as one graph)."""
+        return spec.greedy_step(self.model, prev, tokens, positions, newest, cache, mtp_cache, kv_len,
+                                verify_kv_len, self.absorbed)
+
     def _compiled(self, tokens: int) -> bool:
         """Use the compiled graph for a forward over `tokens` tokens? Only while the MoE layers take
         their gathered-experts path (tokens × experts per token <= routed experts): beyond that, fp32
         F.grouped_mm breaks the graph on CPU and the broken graph measured slower than eager."""
-        return self.steps.active and (
-            tokens * self.args.num_experts_per_tok <= self.args.n_routed_experts or self.dtype == torch.bfloat16)
+        return self.steps.active and self._graph_fits(tokens)
+
+    def _graph_fits(self, tokens: int) -> bool:
+        return tokens * self.args.num_experts_per_tok <= self.args.n_routed_experts or self.dtype == torch.bfloat16
 
     def _kv_len(self, compiled: bool, needed: int) -> int:
         """Cache rows attention reads: just what is needed in eager mode; all of them when compiled,
@@ -489,12 +497,18 @@ class Engine:
         hidden = torch.stack([r.hidden for r in reqs])
         compiled = self._compiled(positions.numel())
         most = max(r.pos for r in reqs)
-        drafts, qs = spec.draft(self._mtp_step(compiled), hidden, tokens,
-                                positions, newest, self.mtp_cache.rows(0, n), reqs,
-                                kv_len=self._kv_len(compiled, most))
-        verify_ids = tokens[:, W:]  # newest token, then the drafts
-        verify_pos = newest[:, None] + torch.arange(D + 1, device=self.device)
-        logits, verify_hidden = self._forward(verify_ids, verify_pos, most + D + 1)
+        if compiled and all(r.params.greedy for r in reqs):  # draft and verify in one compiled call
+            kv = self._kv_len(compiled, most)
+            drafts, logits, verify_hidden = self.steps.call(
+                "speculative step", True, hidden, tokens, positions, newest, self.cache.rows(0, n),
+                self.mtp_cache.rows(0, n), kv, kv)
+            qs = [None] * D
+        else:
+            drafts, qs = spec.draft(self._mtp_step(compiled), hidden, tokens, positions, newest,
+                                    self.mtp_cache.rows(0, n), reqs, kv_len=self._kv_len(compiled, most))
+            verify_ids = tokens[:, W:]  # newest token, then the drafts
+            verify_pos = newest[:, None] + torch.arange(D + 1, device=self.device)
+            logits, verify_hidden = self._forward(verify_ids, verify_pos, most + D + 1)
         kept = spec.accept(logits, drafts, qs, reqs)
         routing = _per_row(self._routing, n) if self.record_routing else [None] * n
         both = torch.cat([hidden, verify_hidden], dim=1)  # main hidden at newest-W .. newest+D

@@ -87,6 +87,28 @@ def draft(mtp_step, prev: torch.Tensor, tokens: torch.Tensor, positions: torch.T
     return tokens[:, W + 1 :], qs
 
 
+def greedy_step(model, prev: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, newest: torch.Tensor,
+                cache: list, mtp_cache: list, kv_len: int, verify_kv_len: int, absorbed: bool = True):
+    """A whole greedy speculative step's model work in one call, so that it compiles to one graph:
+    draft D tokens by argmax (as `draft` does for greedy rows), then run the main model over the
+    newest token and the drafts. Arguments as for `draft`, plus the main model's per-layer cache
+    rows and the rows its attention reads (verify_kv_len). Returns (drafts [n, D],
+    logits [n, D+1, V], hidden [n, D+1, hidden]) of the main model at newest .. newest+D."""
+    D = len(mtp_cache)
+    W = D + 1
+    offset = (newest - W)[:, None]
+    drafts = []
+    for k in range(1, D + 1):
+        next_ids = tokens.gather(1, positions + k - offset)
+        logits, prev = model.mtp_step(k, prev, next_ids, positions, mtp_cache[k - 1], kv_len=kv_len, last=1)
+        d = logits[:, -1].argmax(dim=-1)
+        tokens = torch.cat([tokens[:, : W + k], d[:, None], tokens[:, W + k + 1 :]], dim=1)
+        drafts.append(d)
+    verify_pos = newest[:, None] + torch.arange(D + 1, device=newest.device)
+    out = model.run(tokens[:, W:], positions=verify_pos, cache=cache, kv_len=verify_kv_len, absorbed=absorbed)
+    return torch.stack(drafts, dim=1), out.logits, out.hidden
+
+
 def accept(logits: torch.Tensor, drafts: torch.Tensor, qs: list[torch.Tensor | None], reqs) -> list[list[int]]:
     """The verification rule. logits [n, D+1, V]: the main model at [newest, d_1..d_D];
     drafts [n, D]; qs from `draft`. Returns per row the new tokens: the kept drafts, then one token

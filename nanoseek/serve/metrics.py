@@ -11,6 +11,8 @@ What `GET /metrics` shows, with vLLM's meanings:
     nanoseek_time_to_first_token_seconds          arrival -> first token, per sequence (histogram)
     nanoseek_time_per_output_token_seconds        (last - first token time) / (tokens - 1)
     nanoseek_e2e_request_latency_seconds          arrival -> last token, per sequence
+    nanoseek_engine_decode_step_seconds_{sum,count}  engine.step() calls that only decoded (no
+                                                  prefill): the engine's share of a token's time
 
 The scheduler thread and the event loop both record, so every update takes a lock.
 """
@@ -66,6 +68,7 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
+        self.decode_steps, self.decode_step_s = 0, 0.0
 
     def request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -78,6 +81,11 @@ class Metrics:
     def tokens(self, n: int) -> None:
         with self.lock:
             self.generation_tokens += n
+
+    def decode_step(self, seconds: float) -> None:
+        with self.lock:
+            self.decode_steps += 1
+            self.decode_step_s += seconds
 
     def first_token(self, seconds: float) -> None:
         with self.lock:
@@ -109,6 +117,10 @@ class Metrics:
                            "Prompt tokens admitted to the engine.", self.prompt_tokens)
             out += _scalar("nanoseek_generation_tokens_total", "counter",
                            "Tokens generated.", self.generation_tokens)
+            out += _scalar("nanoseek_engine_decode_step_seconds_sum", "counter",
+                           "Seconds in engine steps that only decoded (no prefill).", self.decode_step_s)
+            out += _scalar("nanoseek_engine_decode_step_seconds_count", "counter",
+                           "Engine steps that only decoded (no prefill).", self.decode_steps)
             out += _scalar("nanoseek_num_requests_running", "gauge",
                            "Sequences in the running batch.", running)
             out += _scalar("nanoseek_num_requests_waiting", "gauge",
