@@ -542,27 +542,40 @@ def test_compiled_decode_matches_eager():
 
 
 def test_compiled_speculative_decoding_matches_eager(monkeypatch):
-    """Speculative decoding through the torch.compile'd verify forward and MTP draft step: the
-    plain greedy tokens and logprobs, and every draft equal to the uncached MTP forward's (so a
-    cache write lost inside a compiled graph shows, in the main cache or the MTP one). Batch 1
-    only: every graph compiled costs seconds."""
+    """Speculative decoding through torch.compile: greedy steps run draft + verify as one compiled
+    graph ("speculative step"), sampled ones the compiled MTP draft step and verify forward. Both give
+    the plain greedy tokens and logprobs (sampling at temperature 1e-6 is greedy in effect), and
+    every draft equals the uncached MTP forward's (so a cache write lost inside a compiled graph
+    shows, in the main cache or the MTP one). Batch 1 only: every graph compiled costs seconds."""
     model = agreeable(1, num_hidden_layers=1)  # one dense layer + the MTP layer: small graphs
     eager = Engine(model, max_batch_size=1, max_seq_len=40, compile=False)
     plain = list(eager.stream(PROMPTS[1], max_new_tokens=12, ignore_eos=True, logprobs=2, speculative=None))
     compiled = Engine(model, max_batch_size=1, max_seq_len=40, compile=True, speculative="mtp")
-    calls = dict.fromkeys(compiled.steps.compiled, 0)  # "decode step" (verify here), "MTP draft step"
+    calls = dict.fromkeys(compiled.steps.compiled, 0)  # "decode step" (verify), "MTP draft step", "speculative step"
+    fused_checked = []
     for name, fn in list(compiled.steps.compiled.items()):
         def counted(*args, _fn=fn, _name=name, **kwargs):
             calls[_name] += 1
-            return _fn(*args, **kwargs)
+            out = _fn(*args, **kwargs)
+            if _name == "speculative step":  # the fused graph's drafts, checked like check_drafts does
+                for req, d in zip(compiled.running, out[0].tolist()):
+                    seq = req.prompt + req.tokens
+                    want = model.run(torch.tensor([seq]), mtp=True).mtp_logits[0][0, len(seq) - 2]
+                    assert int(want.argmax()) == d[0]
+                    fused_checked.append(1)
+            return out
 
         compiled.steps.compiled[name] = counted
     checked = check_drafts(monkeypatch, model)
-    events = list(compiled.stream(PROMPTS[1], max_new_tokens=12, ignore_eos=True, logprobs=2, speculative="mtp"))
-    assert [e.token_id for e in events] == [e.token_id for e in plain]
-    assert [e.logprob for e in events] == pytest.approx([e.logprob for e in plain], abs=1e-4)
-    assert compiled.stats["compiled"] and compiled.stats["accepted"] > 0
-    assert len(calls) == 2 and all(calls.values()) and len(checked) == calls["MTP draft step"] > 2
+    for temperature in (0.0, 1e-6):
+        events = list(compiled.stream(PROMPTS[1], max_new_tokens=12, ignore_eos=True, logprobs=2,
+                                      temperature=temperature, seed=0, speculative="mtp"))
+        assert [e.token_id for e in events] == [e.token_id for e in plain]
+        assert [e.logprob for e in events] == pytest.approx([e.logprob for e in plain], abs=1e-4)
+        assert compiled.stats["compiled"] and compiled.stats["accepted"] > 0
+    assert len(calls) == 3 and all(calls.values())
+    assert len(fused_checked) == calls["speculative step"] > 2
+    assert len(checked) == calls["MTP draft step"] > 2
 
 
 def test_bench_decode_smoke(tmp_path, capsys):
