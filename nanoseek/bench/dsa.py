@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 
 from nanoseek.bench.decode import cpu_pressure
 from nanoseek.checkpoint import CheckpointError, resolve_model_dir
-from nanoseek.model import Transformer, preset
+from nanoseek.model import ConfigError, Transformer, preset
 from nanoseek.model.args import parse_overrides
 from nanoseek.model.indexer import key_cache_width, set_fp8_keys, set_sparse
 from nanoseek.model.mla import MLA, _causal
@@ -87,7 +88,7 @@ def build_model(a) -> Transformer:
         torch.manual_seed(a.seed)
         model = Transformer(args)
     if not model.args.dsa:
-        raise SystemExit("nanoseek bench dsa: error: the model is not deepseek_v32 (no indexer)")
+        raise ConfigError(f"{a.model}: model_type {model.args.model_type}, not deepseek_v32 (no indexer)")
     return model.eval()
 
 
@@ -191,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads > 0:  # one thread is the steadier figure on a machine other jobs keep busy
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    model = build_model(a)
+    try:
+        model = build_model(a)
+    except (CheckpointError, ConfigError) as e:
+        print(f"nanoseek bench dsa: error: {e}", file=sys.stderr)
+        return 2
     args = model.args
     print(f"# bench dsa: {args.num_hidden_layers} layers, {args.num_attention_heads} heads, kv_lora_rank "
           f"{args.kv_lora_rank}, indexer {args.index_n_heads}x{args.index_head_dim}, index_topk {args.index_topk}; "
