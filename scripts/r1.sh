@@ -22,6 +22,7 @@ BASE_MINUTES="${BASE_MINUTES:-4}"
 RL_STEPS="${RL_STEPS:-60}"
 K="${K:-8}"                      # samples per test problem (pass@1 is their mean correctness)
 N_TEST="${N_TEST:-50}"
+COLD_N="${COLD_N:-200}"          # worked solutions for the cold start (1-digit arithmetic has ~240 train problems)
 SECONDS=0
 stage() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
 TASK=(--task arithmetic --digits "$DIGITS")
@@ -33,13 +34,13 @@ GRPO=(--reward accuracy=1 --reward format=0.2 --steps "$RL_STEPS" --prompts-per-
 rm -rf "$RUN"
 stage "prepare: 3 MB of the embedded code corpus, 1K BPE";  nanoseek prepare --out "$RUN/data" --vocab-size 1024 --max-bytes 3000000
 stage "train: the tiny base model ($BASE_MINUTES min)";  nanoseek train --data "$RUN/data" --out "$RUN/base" --preset tiny --max-minutes "$BASE_MINUTES" --eval-every 0 --quiet --samples 0
-stage "train: the smaller student's base";  nanoseek train --data "$RUN/data" --out "$RUN/student-base" --preset tiny "${STUDENT[@]}" --max-minutes "$BASE_MINUTES" --eval-every 0 --quiet --samples 0
-stage "sample --worked: cold-start data";  nanoseek sample --worked "${TASK[@]}" --n 400 --out "$RUN/cold.jsonl"
+stage "sample --worked: cold-start data";  nanoseek sample --worked "${TASK[@]}" --n "$COLD_N" --out "$RUN/cold.jsonl"
 stage "sft: cold start";  nanoseek sft --model "$RUN/base" --data "$RUN/cold.jsonl" --out "$RUN/sft" --epochs 6 --lr 1e-3 --seq-len 512 --quiet
 stage "eval: after SFT";  nanoseek eval --model "$RUN/sft" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/sft/eval"
 stage "grpo: accuracy + format rewards";  nanoseek grpo --model "$RUN/sft" "${TASK[@]}" "${GRPO[@]}" --out "$RUN/rl"
 stage "eval: after GRPO";  nanoseek eval --model "$RUN/rl" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/rl/eval"
-stage "sample: rejection sampling from the RL model";  nanoseek sample --model "$RUN/rl" "${TASK[@]}" --n 400 --k 4 --think --max-new-tokens 96 --max-per-prompt 1 --quiet --out "$RUN/distill.jsonl"
+stage "sample: rejection sampling from the RL model";  nanoseek sample --model "$RUN/rl" "${TASK[@]}" --n "$COLD_N" --k 4 --think --max-new-tokens 96 --max-per-prompt 1 --quiet --out "$RUN/distill.jsonl"
+stage "train: the smaller student's base";  nanoseek train --data "$RUN/data" --out "$RUN/student-base" --preset tiny "${STUDENT[@]}" --max-minutes "$BASE_MINUTES" --eval-every 0 --quiet --samples 0
 stage "sft: distillation into the student";  nanoseek sft --model "$RUN/student-base" --data "$RUN/distill.jsonl" --out "$RUN/student-distilled" --epochs 6 --lr 1e-3 --seq-len 512 --quiet
 stage "eval: distilled student";  nanoseek eval --model "$RUN/student-distilled" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/student-distilled/eval"
 stage "sft: the student's own cold start";  nanoseek sft --model "$RUN/student-base" --data "$RUN/cold.jsonl" --out "$RUN/student-sft" --epochs 6 --lr 1e-3 --seq-len 512 --quiet

@@ -116,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mu", type=int, default=1, help="num_iterations")
     p.add_argument("--steps", type=int, default=2, help="GRPO steps per side per round")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both (0: leave as is)")
     p.add_argument("--out", type=Path, help="append the results as one JSON line here")
     a = p.parse_args(argv)
     import trl  # the peer; a test/bench-only dependency
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
