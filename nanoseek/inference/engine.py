@@ -56,7 +56,7 @@ from . import speculative as spec
 from ..model.indexer import set_fp8_keys
 from .cache import LatentCache
 from .compiled import CompiledSteps
-from .sampling import SamplingParams, _is_int, logprobs, make_generator, sample
+from .sampling import SamplingParams, _is_int, logprobs, make_generator, probabilities, sample
 from .text import TextStream
 
 # Prefill groups may be padded up to this factor of their real token count.
@@ -92,6 +92,7 @@ class StepEvent:
     finish_reason: str | None
     error: str | None = None
     routing: torch.Tensor | None = None
+    sampling_mask: torch.Tensor | None = None  # record_sampling_mask: LongTensor of the kept token ids
 
 
 class RequestFailed(RuntimeError):
@@ -139,12 +140,16 @@ class Engine:
     as the released model does (index_head_dim + 4 bytes a token; the model's own forward then scores
     FP8 keys too); None (default): on for CUDA, off on CPU, where cached decoding stays exactly the
     uncached forward; record_routing: every StepEvent carries the MoE routing of the
-    forward that produced it (for routing replay in RL; decoding then runs eagerly).
+    forward that produced it (for routing replay in RL; decoding then runs eagerly);
+    record_sampling_mask: every sampled StepEvent whose request truncates (top-k / top-p / min-p)
+    carries the kept token ids (DeepSeek-V3.2's "keep sampling mask", nanoseek.rl.rollout); plain
+    (non-speculative) steps only.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, tokenizer=None,
                  speculative: str | None = "auto", absorbed: bool = True, prefill_chunk: int = 2048,
-                 compile: bool | None = None, fp8_index_keys: bool | None = None, record_routing: bool = False):
+                 compile: bool | None = None, fp8_index_keys: bool | None = None, record_routing: bool = False,
+                 record_sampling_mask: bool = False):
         args = model.args
         if max_seq_len > args.max_position_embeddings:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context "
@@ -175,6 +180,7 @@ class Engine:
         self.set_speculative(speculative)
         # Decode and verify forwards (and the MTP drafts) are the per-step hot path; prefill is not.
         self.record_routing = record_routing
+        self.record_sampling_mask = record_sampling_mask
         self._routing: list | None = None  # the last decode/verify forward's Routing list (record_routing)
         if record_routing:
             compile = False
@@ -533,9 +539,14 @@ class Engine:
         params = [r.params for r in reqs]
         ids = sample(logits, params, [r.generator for r in reqs])
         lp, top = logprobs(logits, ids, params)
-        return [self._append(r, t, lp[i], top[i]) for i, (r, t) in enumerate(zip(reqs, ids.tolist()))]
+        kept = [None] * len(reqs)
+        if self.record_sampling_mask:  # the support `sample` drew from: the same function on the same logits
+            for i, p in enumerate(params):
+                if not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0):
+                    kept[i] = probabilities(logits[i:i + 1], [p])[0].nonzero().squeeze(-1).cpu()
+        return [self._append(r, t, lp[i], top[i], kept[i]) for i, (r, t) in enumerate(zip(reqs, ids.tolist()))]
 
-    def _append(self, req: Request, token: int, logprob, top) -> StepEvent:
+    def _append(self, req: Request, token: int, logprob, top, kept: torch.Tensor | None = None) -> StepEvent:
         """Record one new token: stop tokens, stop strings and the length limit end the request."""
         req.tokens.append(token)
         text, stop_string = "", False
@@ -551,7 +562,7 @@ class Engine:
             text += req.text.flush()  # held-back text was not a stop string after all
         routing, req.routing = req.routing, None
         return StepEvent(req.id, token, text, logprob, top, req.finish_reason is not None, req.finish_reason,
-                         routing=routing)
+                         routing=routing, sampling_mask=kept)
 
     # --- prefill -------------------------------------------------------------------------------
     def _prefill(self, reqs: list[Request]) -> list[StepEvent]:

@@ -31,6 +31,16 @@ Design choices (names and meanings are TRL's `GRPOTrainer`, so a recipe written 
   broadcast to its tokens and clipped as a whole.
 * Gradients flow only through `logp`: old and reference log-probs are detached here, whatever
   the caller passes, so a forgotten `no_grad` cannot leak a gradient into another model.
+
+DeepSeek-V3.2's refinements (V3.2 report §3.1, "Scaling GRPO"), off by default:
+* `unbiased_kl`: the k3 term multiplied by the token's importance ratio π_θ/π_old (with its
+  gradient): ρ_t·(π_ref/π_θ − log(π_ref/π_θ) − 1). Its gradient is then exactly ρ_t ∇log π_θ ·
+  (log π_θ − log π_ref), whose expectation under π_old is ∇KL(π_θ‖π_ref): unbiased however stale
+  the rollouts are. Its value equals plain k3 wherever π_θ = π_old.
+* `off_policy_delta` δ (off-policy sequence masking): a sequence with a negative advantage whose
+  mean per-token log(π_rollout/π_θ) over its counted tokens exceeds δ leaves the loss (its mask row
+  becomes 0). π_rollout is `rollout_logp` (the sampler's log-probs; default old_logp). Learning from
+  one's own too-off-policy mistakes destabilises training; positive sequences are always kept.
 """
 
 from __future__ import annotations
@@ -74,8 +84,9 @@ def group_advantages(rewards: torch.Tensor, scale_rewards: bool | str = True) ->
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, *, epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
               loss_type: str = "grpo", importance_sampling_level: str = "token",
-              max_completion_length: int | None = None, num_items_in_batch: float | None = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              max_completion_length: int | None = None, num_items_in_batch: float | None = None,
+              unbiased_kl: bool = False, off_policy_delta: float | None = None,
+              rollout_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped policy-gradient loss with an optional k3 KL penalty, aggregated by `loss_type`.
 
     logp FloatTensor[N, T]: the policy's log-probs of the completion tokens (with grad);
@@ -84,11 +95,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     mask [N, T] 1 for completion tokens that count, 0 for padding (and masked completions).
     max_completion_length: the normaliser of "dr_grpo" (default: T). num_items_in_batch: the
     normaliser of "dapo", the counted tokens of the whole generation batch (default: mask.sum()).
+    unbiased_kl, off_policy_delta, rollout_logp [N, T]: V3.2's refinements (module docstring).
 
     Returns (loss scalar, stats) with stats floats: kl (masked mean of the k3 term; 0 without a
     reference), clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (fraction of
     tokens, or of sequences for "sequence", whose ratio is clipped in the direction that stops
-    the gradient) and ratio_mean (masked mean of ρ).
+    the gradient), ratio_mean (masked mean of ρ) and off_policy_masked (share of sequences masked
+    by off_policy_delta; 0 without it).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -100,6 +113,11 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype).detach()[:, None]  # [N, 1]
+    masked = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    if off_policy_delta is not None:
+        masked = off_policy_sequences(logp, old_logp if rollout_logp is None else rollout_logp, advantages, mask,
+                                      off_policy_delta)
+        mask = mask * (~masked).to(mask.dtype)[:, None]
 
     log_ratio = logp - old_logp.detach()
     if importance_sampling_level == "sequence":
@@ -112,6 +130,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     if ref_logp is not None:
         delta = ref_logp.detach() - logp
         kl = delta.exp() - delta - 1
+        if unbiased_kl:  # × π_θ/π_old per token, gradient kept (see the module docstring)
+            kl = (logp - old_logp.detach()).exp() * kl
         if beta != 0.0:
             per_token = per_token + beta * kl
 
@@ -138,5 +158,15 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
         stats = {"kl": mean(kl) if kl is not None else 0.0, "clip_ratio/low_mean": mean(low),
                  "clip_ratio/high_mean": mean(high), "clip_ratio/region_mean": mean(torch.maximum(low, high)),
-                 "ratio_mean": mean(ratio)}
+                 "ratio_mean": mean(ratio), "off_policy_masked": masked.float().mean().item() if len(masked) else 0.0}
     return loss, stats
+
+
+def off_policy_sequences(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor,
+                         mask: torch.Tensor, delta: float) -> torch.Tensor:
+    """V3.2's off-policy sequence mask -> BoolTensor[N], True for the sequences to drop: advantage < 0
+    and mean over counted tokens of (rollout_logp - logp) > delta. All inputs [N, T] except advantages [N]."""
+    with torch.no_grad():
+        mask = mask.to(logp.dtype)
+        div = ((rollout_logp.detach() - logp.detach()) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return (advantages.to(div.device) < 0) & (div > delta)

@@ -20,6 +20,11 @@ Design choices:
   makes the training forward use exactly those experts (the gate still computes their weights,
   so the gate keeps learning). A tiny numeric difference between the two paths can flip a near
   tie in top-k routing, and then the ratio π_θ/π_old compares two different sub-networks.
+* **Keep sampling mask** (DeepSeek-V3.2 §3.1): with top-p / top-k the engine samples from a
+  truncated distribution; with `Engine(record_sampling_mask=True)` it records each token's kept
+  set (`Completion.kept`), and `completion_logps` then computes the current (and reference)
+  policy's log-probs over that same set, renormalised (`truncated_logps`), so the ratio
+  π_θ/π_old compares the same action space. (A [N, T, V] boolean mask is built per batch.)
 * The training forward runs the full sequence (prompt + completion minus its last token) and
   applies the output head only at completion positions: the head is the largest matmul and the
   prompt's logits are never needed.
@@ -47,34 +52,37 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     routing: torch.Tensor | None = None
+    kept: list[torch.Tensor | None] | None = None  # record_sampling_mask: kept ids per new token
 
 
 def rollout(engine: Engine, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float = 1.0,
-            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False) -> list[list[Completion]]:
+            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, top_k: int = 0) -> list[list[Completion]]:
     """G completions of every prompt -> groups[i][j] (continuous batching; see the module docstring)."""
     queue = [(i, j) for i in range(len(prompts)) for j in range(G)]
     queue.reverse()
     groups: list[list[Completion | None]] = [[None] * G for _ in prompts]
-    live: dict[int, tuple[int, int, list, list, list]] = {}
+    live: dict[int, tuple[int, int, list, list, list, list]] = {}
     with torch.inference_mode():
         while queue or engine.num_active:
             while queue and engine.free_slots > 0:
                 i, j = queue.pop()
                 params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed + i * G + j, ignore_eos=ignore_eos, logprobs=0)
-                live[engine.add_request(prompts[i], params)] = (i, j, [], [], [])
+                                        top_k=top_k, seed=seed + i * G + j, ignore_eos=ignore_eos, logprobs=0)
+                live[engine.add_request(prompts[i], params)] = (i, j, [], [], [], [])
             for ev in engine.step():
-                i, j, tokens, logps, routing = live[ev.request_id]
+                i, j, tokens, logps, routing, kept = live[ev.request_id]
                 if ev.finish_reason == "error":
                     raise RuntimeError(f"rollout request failed: {ev.error}")
                 tokens.append(ev.token_id)
                 logps.append(ev.logprob)
                 if ev.routing is not None:
                     routing.append(ev.routing)
+                kept.append(ev.sampling_mask)
                 if ev.finished:
                     del live[ev.request_id]
                     groups[i][j] = Completion(prompts[i], tokens, logps, ev.finish_reason,
-                                              torch.cat(routing) if routing else None)
+                                              torch.cat(routing) if routing else None,
+                                              kept if any(k is not None for k in kept) else None)
     return groups  # type: ignore[return-value]
 
 
@@ -85,16 +93,19 @@ class Batch:
     ids [N, S]: prompt + completion without its last token, right-padded (S = longest);
     starts [N]: the position whose logits predict the first completion token (len(prompt) - 1);
     targets [N, T]: completion tokens (T = longest completion), mask [N, T] 1 on real tokens;
-    routing [N, S, moe_layers, K] or None (padding rows route to experts 0..K-1: never read)."""
+    routing [N, S, moe_layers, K] or None (padding rows route to experts 0..K-1: never read);
+    kept: per completion the engine's kept ids per token (keep sampling mask) or None."""
 
     ids: torch.Tensor
     starts: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
     routing: torch.Tensor | None
+    kept: list | None = None
 
     @classmethod
-    def of(cls, completions: list[Completion], routing: bool = False, device="cpu") -> "Batch":
+    def of(cls, completions: list[Completion], routing: bool = False, device="cpu",
+           sampling_mask: bool = False) -> "Batch":
         N = len(completions)
         S = max(len(c.prompt) + len(c.tokens) - 1 for c in completions)
         T = max(len(c.tokens) for c in completions)
@@ -117,7 +128,8 @@ class Batch:
             for n, c in enumerate(completions):
                 replay[n, : len(c.routing)] = c.routing
             replay = replay.to(device)
-        return cls(ids.to(device), starts.to(device), targets.to(device), mask.to(device), replay)
+        kept = [c.kept for c in completions] if sampling_mask and any(c.kept for c in completions) else None
+        return cls(ids.to(device), starts.to(device), targets.to(device), mask.to(device), replay, kept)
 
     def select(self, rows: torch.Tensor | list[int]) -> "Batch":
         """A minibatch of these rows (padding trimmed to the rows' own longest)."""
@@ -126,7 +138,8 @@ class Batch:
         T = int(mask.sum(-1).max().item())
         S = int((self.starts[rows] + mask.sum(-1).long()).max().item())
         return Batch(self.ids[rows, :S], self.starts[rows], self.targets[rows, :T], mask[:, :T],
-                     None if self.routing is None else self.routing[rows, :S])
+                     None if self.routing is None else self.routing[rows, :S],
+                     None if self.kept is None else [self.kept[r] for r in rows.tolist()])
 
 
 def moe_gates(model) -> list:
@@ -164,5 +177,26 @@ def completion_logps(model, batch: Batch, temperature: float = 1.0, replay: bool
     logits = model.lm_head(h).float()
     if temperature != 1.0:
         logits = logits / temperature
+    if batch.kept is not None:
+        return truncated_logps(logits, batch.targets, kept_mask(batch.kept, logits.shape)) * batch.mask
     logp = logits.log_softmax(-1).gather(-1, batch.targets[..., None]).squeeze(-1)
     return logp * batch.mask
+
+
+def kept_mask(kept: list, shape) -> torch.Tensor:
+    """Per-completion lists of kept ids per token (None: all kept) -> BoolTensor[N, T, V]."""
+    N, T, V = shape
+    mask = torch.ones(N, T, V, dtype=torch.bool)
+    for n, per_token in enumerate(kept):
+        for t, ids in enumerate((per_token or [])[:T]):
+            if ids is not None:
+                mask[n, t] = False
+                mask[n, t, ids] = True
+    return mask
+
+
+def truncated_logps(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Log-probs of targets under the distribution renormalised over the kept tokens:
+    logits [N, T, V], targets [N, T], keep BoolTensor[N, T, V] -> [N, T] (-inf for a dropped target)."""
+    keep = keep.to(logits.device)
+    return logits.masked_fill(~keep, float("-inf")).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)

@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-completion-length", type=int_in(1), default=64, help="new tokens per completion")
     g.add_argument("--temperature", type=float_in(0, 10, lo_open=True), default=1.0, help="(R1-Zero: 1)")
     g.add_argument("--top-p", type=float_in(0, 1, lo_open=True), default=1.0)
+    g.add_argument("--top-k", type=int_in(0), default=0, help="sample among the k most likely tokens (0: off)")
     g.add_argument("--speculative", default="none", choices=["none", "mtp"],
                    help="mtp: draft with the MTP modules (exact sampling distribution)")
     g.add_argument("--rollout-batch", type=int_in(1), default=64, help="requests decoded together")
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh: ref = alpha·policy + (1-alpha)·ref (1: replace, as R1-Zero)")
     g.add_argument("--keep-routing", action="store_true", help="routing replay: the training forwards use the experts "
                    "each token was routed to during the rollout (DeepSeek-V3.2)")
+    g.add_argument("--unbiased-kl", action="store_true", help="k3 × π_θ/π_old: an unbiased KL gradient off-policy "
+                   "(DeepSeek-V3.2)")
+    g.add_argument("--off-policy-mask", type=float_in(0), metavar="DELTA", help="drop negative-advantage sequences "
+                   "whose mean log(π_rollout/π_θ) exceeds DELTA (DeepSeek-V3.2)")
+    g.add_argument("--keep-sampling-mask", action="store_true", help="the engine records the top-p/top-k "
+                   "truncation of each sampled token; training log-probs use the same truncation (DeepSeek-V3.2)")
     g.add_argument("--seed", type=int_in(0, 2**31 - 1), default=0, help="problem order and sampling seed")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -186,6 +193,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         model_dir = a.model
     if a.epsilon_high is not None and a.epsilon_high < a.epsilon:
         raise RunError(f"--epsilon-high {a.epsilon_high} must be at least --epsilon {a.epsilon}")
+    if a.keep_sampling_mask and a.speculative != "none":
+        raise RunError("--keep-sampling-mask needs plain rollouts (the speculative path does not record masks)")
     scale = {"true": "group", "false": "none"}.get(a.scale_rewards, a.scale_rewards)
     terms = reward_terms(a)
 
@@ -210,7 +219,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     speculative = None if a.speculative == "none" else a.speculative
     engine = Engine(policy, max_batch_size=min(a.rollout_batch, a.prompts_per_step * a.num_generations),
                     max_seq_len=max_len, tokenizer=tokenizer, speculative=speculative, compile=False,
-                    record_routing=a.keep_routing)
+                    record_routing=a.keep_routing, record_sampling_mask=a.keep_sampling_mask)
     accuracy = R.accuracy_for(problems[0].task) if problems[0].task != "code" else None
 
     decay, no_decay = [], []
@@ -268,7 +277,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 policy.eval()
                 outs = rollout(engine, [prompts[i] for i in idx], a.num_generations, a.max_completion_length,
                                a.temperature, a.top_p, seed=a.seed * 2**32 + data["requests"],
-                               ignore_eos=a.ignore_eos)
+                               ignore_eos=a.ignore_eos, top_k=a.top_k)
                 data["requests"] += want * a.num_generations
                 drawn_groups += want
                 for i, group in zip(idx, outs):
@@ -294,7 +303,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 comps = [c for g in groups for c in g[1]]
                 rewards = torch.tensor([g[4] for g in groups])
                 adv = group_advantages(rewards, scale).flatten()
-                batch = Batch.of(comps, routing=a.keep_routing, device=device)
+                batch = Batch.of(comps, routing=a.keep_routing, device=device, sampling_mask=a.keep_sampling_mask)
                 if a.mask_truncated_completions:
                     batch.mask *= torch.tensor([c.finish_reason != "length" for c in comps],
                                                dtype=batch.mask.dtype, device=device)[:, None]
@@ -305,6 +314,10 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                     if a.num_iterations > 1 or a.steps_per_generation > 1:
                         old_logp = completion_logps(policy, batch, a.temperature)
                 rec["rollout_logp_gap"] = _logp_gap(comps, old_logp, batch) if a.temperature == 1.0 else None
+                # π_rollout for --off-policy-mask: the engine's log-probs (raw model = the sampling
+                # distribution at temperature 1), else the old policy's in the training forward
+                rollout_logp = _engine_logps(comps, batch) if a.off_policy_mask is not None and \
+                    a.temperature == 1.0 else None
                 n_tokens = batch.mask.sum()
                 minibatches = torch.arange(len(comps)).chunk(a.steps_per_generation)
                 lr = a.lr * min(1.0, (step + 1) / a.warmup_steps) if a.warmup_steps else a.lr
@@ -319,7 +332,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                                 logp, old, None if ref_logp is None else ref_logp[rows][:, : logp.shape[1]],
                                 adv[rows].to(device), sub.mask, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
                                 beta=a.beta, loss_type=a.loss_type, importance_sampling_level=a.importance_sampling_level,
-                                max_completion_length=a.max_completion_length, num_items_in_batch=n_tokens)
+                                max_completion_length=a.max_completion_length, num_items_in_batch=n_tokens,
+                                unbiased_kl=a.unbiased_kl, off_policy_delta=a.off_policy_mask,
+                                rollout_logp=None if rollout_logp is None else rollout_logp[rows][:, : logp.shape[1]])
                             if old_logp is None:
                                 rec["rollout_logp_gap"] = _logp_gap([comps[r] for r in rows.tolist()], logp.detach(), sub) \
                                     if a.temperature == 1.0 else None
@@ -360,7 +375,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                     "clip_ratio/low_mean": stats_sum.get("clip_ratio/low_mean", 0.0),
                     "clip_ratio/high_mean": stats_sum.get("clip_ratio/high_mean", 0.0),
                     "clip_ratio/region_mean": stats_sum.get("clip_ratio/region_mean", 0.0),
-                    "ratio_mean": stats_sum.get("ratio_mean", 1.0), "rollout_s": rollout_s, "train_s": train_s,
+                    "ratio_mean": stats_sum.get("ratio_mean", 1.0),
+                    "off_policy_masked": stats_sum.get("off_policy_masked", 0.0), "rollout_s": rollout_s, "train_s": train_s,
                     "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "skipped": skipped})
                 log.write(rec)
             bar.update(1)
@@ -429,10 +445,16 @@ def _logp_gap(comps, logp: torch.Tensor | None, batch: Batch) -> float | None:
     """Mean |training-forward log-prob - engine log-prob| over the completion tokens (temperature 1)."""
     if logp is None:
         return None
+    recorded = _engine_logps(comps, batch)
+    return ((logp - recorded).abs() * batch.mask).sum().item() / max(batch.mask.sum().item(), 1.0)
+
+
+def _engine_logps(comps, batch: Batch) -> torch.Tensor:
+    """The engine's recorded log-probs of the completion tokens as [N, T] (0 at padding)."""
     recorded = torch.zeros_like(batch.mask)
     for n, c in enumerate(comps):
         recorded[n, : len(c.logprobs)] = torch.tensor(c.logprobs[: recorded.shape[1]])
-    return ((logp - recorded).abs() * batch.mask).sum().item() / max(batch.mask.sum().item(), 1.0)
+    return recorded
 
 
 @torch.no_grad()
