@@ -98,7 +98,7 @@ def nanoseek_run(a, root: Path, mtp: bool):
 
     out = Path(tempfile.mkdtemp(dir=root, prefix="ns-"))
     flags = ["--model", root / "model", "--data", root / "chat.jsonl", "--out", out, "--seq-len", a.seq_len,
-             "--batch-size", a.batch_size, "--epochs", "1000", "--stop-at", a.steps, "--lr", "1e-3", "--warmup",
+             "--batch-size", a.batch_size, "--tokens", (a.steps + 1) * a.batch_size * a.seq_len, "--stop-at", a.steps, "--lr", "1e-3", "--warmup",
              "0.03", "--eval-every", "0", "--samples", "0", "--quiet", "--val-fraction", "0.02"]
     flags += [] if mtp else ["--mtp-lambda", "0", "--freeze-bias"]
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
@@ -199,6 +199,22 @@ def eval_runs(a, tok, model, root: Path):
     return ours, theirs
 
 
+def print_sft(a, sft: dict, convs, model, transformers) -> float:
+    """The SFT table (printed as soon as it is measured); returns nanoseek / TRL."""
+    data_tokens = sum(len(ids) for ids, _ in convs)
+    print(f"SFT, {a.preset} preset ({model.num_params() / 1e6:.2f}M params), {a.conversations} conversations "
+          f"({data_tokens:,} tokens), seq {a.seq_len}, {a.batch_size} packed rows/step, {a.steps} steps "
+          f"({a.warmup} untimed), fp32, {torch.get_num_threads()} threads, best of {a.rounds} runs taking turns; "
+          f"transformers {transformers.__version__}, trl {__import__('trl').__version__}; "
+          f"cpu pressure {cpu_pressure()}")
+    print(f"{'':<30}{'tokens/s (best)':>16}{'range':>22}")
+    for name, xs in sft.items():
+        print(f"{name:<30}{max(xs):>16,.0f}{f'{min(xs):,.0f} - {max(xs):,.0f}':>22}")
+    ratio = max(sft["nanoseek"]) / max(sft["TRL SFTTrainer"])
+    print(f"nanoseek / TRL: {ratio:.2f}x")
+    return ratio
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
@@ -225,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(a.rounds):
             for name, run in runs.items():
                 sft[name].append(run())
+        ratio = print_sft(a, sft, convs, model, transformers)
         evals = {}
         if a.eval_problems:
             ours, theirs = eval_runs(a, tok, model, root)
@@ -233,17 +250,6 @@ def main(argv: list[str] | None = None) -> int:
                 evals["nanoseek eval (engine)"].append(ours())
                 evals["transformers generate"].append(theirs())
 
-    data_tokens = sum(len(ids) for ids, _ in convs)
-    print(f"SFT, {a.preset} preset ({model.num_params() / 1e6:.2f}M params), {a.conversations} conversations "
-          f"({data_tokens:,} tokens), seq {a.seq_len}, {a.batch_size} packed rows/step, {a.steps} steps "
-          f"({a.warmup} untimed), fp32, {torch.get_num_threads()} threads, best of {a.rounds} runs taking turns; "
-          f"transformers {transformers.__version__}, trl {__import__('trl').__version__}; "
-          f"cpu pressure {cpu_pressure()}")
-    print(f"{'':<30}{'tokens/s (best)':>16}{'range':>22}")
-    for name, xs in sft.items():
-        print(f"{name:<30}{max(xs):>16,.0f}{f'{min(xs):,.0f} - {max(xs):,.0f}':>22}")
-    ratio = max(sft["nanoseek"]) / max(sft["TRL SFTTrainer"])
-    print(f"nanoseek / TRL: {ratio:.2f}x")
     record = {"bench": "sft", "preset": a.preset, "overrides": a.overrides, "seq_len": a.seq_len,
               "batch_size": a.batch_size, "steps": a.steps, "threads": torch.get_num_threads(),
               "sft_tok_s": sft, "ratio": ratio}
