@@ -297,3 +297,12 @@ def test_sft_precision_fp8_learns(tmp_path):
     assert all(r["precision"] == "fp8" for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["precision"] == "fp8" and summary["final_val_loss"] < summary["initial_val_loss"] - 0.5
+
+
+def test_fp8_with_compile_is_refused_in_one_line(data, tmp_path, capsys):
+    from nanoseek.stages import train
+
+    code = train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2", "--precision", "fp8",
+                       "--compile", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--compile does not combine with --precision fp8" in err and "Traceback" not in err

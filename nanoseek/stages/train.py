@@ -318,6 +318,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     val_shards = TokenShards(a.data, "val", tokenizer_vocab_size=tokenizer.vocab_size,
                              model_vocab_size=model.args.vocab_size)
     layout = check_layout(d.world_size, a.dp_shard, a.ep, 1, model.args, a.micro_batch, a.batch_size)
+    if a.precision == "fp8" and a.compile:
+        raise RunError("--compile does not combine with --precision fp8 yet: inductor (torch 2.13, CPU) fails on "
+                       "the FP8 tile quantisation; drop one of them")
     if a.precision == "fp8" and layout.ep > 1:
         raise RunError("--precision fp8 does not combine with --ep yet: the expert-parallel experts run their own "
                        "grouped GEMMs (use --ep 1, or bf16)")
