@@ -335,7 +335,7 @@ def test_interactive_ctrl_c_ends_cleanly_and_bad_bytes_are_replaced(model_dir):
         proc.stdin.flush()
         read_until(proc, b">>> ", 1)  # the reply came, and the next prompt
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
+        code = proc.wait(timeout=180)
     finally:
         proc.kill()
     err = proc.stderr.read().decode()

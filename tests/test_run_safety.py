@@ -49,7 +49,7 @@ def steps_logged(out):
     return [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
 
 
-def wait_for(cond, timeout=120.0):
+def wait_for(cond, timeout=300.0):
     t0 = time.time()
     while not cond():
         if time.time() - t0 > timeout:
@@ -66,7 +66,7 @@ def test_signal_saves_last_completed_step_and_resume_continues(data, tmp_path, s
     try:
         wait_for(lambda: len(steps_logged(out)) >= 3)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == code, err
@@ -90,7 +90,7 @@ def test_second_signal_abandons_the_step_but_keeps_the_last_completed_one(data, 
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err
@@ -137,11 +137,11 @@ def test_second_trainer_on_the_same_run_dir_refuses(data, tmp_path):
     try:
         wait_for(lambda: len(steps_logged(out)) >= 1)
         second = subprocess.run([sys.executable, "-m", "nanoseek", "train", "--data", str(data), "--out", str(out),
-                                 *SETS, *FAST, "--steps", "3"], capture_output=True, text=True, timeout=120)
+                                 *SETS, *FAST, "--steps", "3"], capture_output=True, text=True, timeout=300)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"pid {first.pid}" in second.stderr and "in use" in second.stderr
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=120)
+        first.communicate(timeout=300)
     finally:
         first.kill()
     # the lock went with its holder: resuming works now
@@ -207,7 +207,7 @@ def test_bad_set_is_one_line_exit_2(tmp_path, capsys, override, message):
 def test_bad_set_through_the_real_cli_has_no_traceback(tmp_path):
     """Bug: the same, seen by a user in a shell (exit code and stderr of the real process)."""
     proc = subprocess.run([sys.executable, "-m", "nanoseek", "init", "--preset", "tiny", "--out", str(tmp_path / "m"),
-                           "--set", "n_shared_experts=-1"], capture_output=True, text=True, timeout=120)
+                           "--set", "n_shared_experts=-1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "nanoseek init: error: n_shared_experts must be in [0, 2147483647], got -1"
 
