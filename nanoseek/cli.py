@@ -84,8 +84,8 @@ def float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = Fal
 
 def usage() -> str:
     lines = ["usage: nanoseek STAGE [flags]   (nanoseek STAGE --help for its flags)", "", "stages:"]
-    lines += [f"  {name:<10}{desc}" for name, (_, desc) in STAGES.items()]
-    lines += [f"  {'bench':<10}benchmarks against transformers: {' | '.join(BENCHES)}"]
+    lines += [f"  {name:<14}{desc}" for name, (_, desc) in STAGES.items()]
+    lines += [f"  {'bench':<14}benchmarks against transformers: {' | '.join(BENCHES)}"]
     return "\n".join(lines)
 
 
