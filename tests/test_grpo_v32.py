@@ -107,7 +107,7 @@ def test_kept_sampling_mask_gives_the_truncated_distributions_logps(one_thread):
     assert truncated > 0 and (got - plain).abs().max() > 1e-3  # the mask mattered
 
 
-def test_grpo_stage_runs_with_the_three_refinements(tmp_path, one_thread):
+def test_grpo_stage_runs_with_the_three_refinements_and_a_reward_model(tmp_path, one_thread):
     import json
 
     from nanoseek.data import train_bpe
@@ -124,12 +124,23 @@ def test_grpo_stage_runs_with_the_three_refinements(tmp_path, one_thread):
     sets = [x for k, v in tiny.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     assert init_stage.main(["--preset", "tiny", "--out", str(tmp_path / "m"), *sets, "--tokenizer",
                             str(tmp_path / "tok")]) == 0
+    # a reward model (random head) with its own tokenizer, as `nanoseek rm` leaves it
+    from nanoseek.model import ModelArgs, Transformer
+    from nanoseek.rl.reward_model import RewardModel
+
+    rm_args = {k: v for k, v in tiny.items()} | dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    RewardModel(Transformer(ModelArgs(**rm_args))).save_pretrained(tmp_path / "rm")
+    tok.save(tmp_path / "rm")
     out = tmp_path / "run"
     assert grpo_stage.main([
         "--model", str(tmp_path / "m"), "--out", str(out), "--task", "arithmetic", "--digits", "1", "--n-problems",
         "20", "--prompts-per-step", "2", "--num-generations", "3", "--max-completion-length", "6", "--steps", "2",
         "--beta", "0.01", "--unbiased-kl", "--off-policy-mask", "0", "--keep-sampling-mask", "--top-p", "0.9",
-        "--top-k", "50", "--num-iterations", "2", "--quiet", "--sample-every", "0"]) == 0
+        "--top-k", "50", "--num-iterations", "2", "--quiet", "--sample-every", "0",
+        "--reward", "accuracy=1", "--reward", f"rm:{tmp_path / 'rm'}=0.5"]) == 0
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r.get("kind") == "grpo"]
     assert len(steps) == 2 and all(0 <= r["off_policy_masked"] <= 1 and r["kl"] >= 0 for r in steps)
+    for r in steps:  # the RM's scores are logged like a rule reward and weighted into the total
+        assert r["rewards/rm/std"] > 0
+        assert abs(r["reward"] - (r["rewards/accuracy/mean"] + 0.5 * r["rewards/rm/mean"])) < 1e-5

@@ -108,15 +108,19 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu",
-                        pad_token_id: int | None = None) -> "RewardModel":
+                        pad_token_id: int | None = None, require_head: bool = False) -> "RewardModel":
         """A reward-model dir (score.weight: ours or transformers') or any DeepSeek checkpoint (a new,
-        randomly initialised head). pad_token_id: used when the config has none."""
+        randomly initialised head; require_head: that is an error instead). pad_token_id: used when the
+        config has none."""
         path = resolve_model_dir(path)
         try:
             config = json.loads((Path(path) / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}/config.json: cannot read ({e})") from None
         is_rm = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+        if require_head and not is_rm:
+            raise CheckpointError(f"{path}: not a reward model (config.json architectures {config.get('architectures')}"
+                                  f"; train one with `nanoseek rm`)")
         model = load(path, dtype=dtype, device=device, head="score" if is_rm else "lm")
         if model.args.pad_token_id is None and pad_token_id is not None:
             model.args = model.args.replace(pad_token_id=pad_token_id)
@@ -142,3 +146,42 @@ def _read_tensor(path: Path, name: str) -> torch.Tensor | None:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"{file}: cannot read ({e})") from None
     return None
+
+
+class RewardScorer:
+    """A reward model as a GRPO reward term (`nanoseek grpo --reward rm:PATH=W`): scores a group's
+    completions in batches. Each is rendered as the RM was trained, with the RM's own tokenizer and
+    chat template: the user prompt, then the completion's final answer as the assistant reply (the
+    reasoning before </think> is left out: R1 §2.3.4 judges helpfulness on the final summary).
+    `batched = True` tells the stage to call `score` rather than fn(prompt, completion, answer)."""
+
+    batched = True
+
+    def __init__(self, path, device="cpu", batch_size: int = 16):
+        from nanoseek.data import Tokenizer
+
+        self.path = resolve_model_dir(path)
+        self.model = RewardModel.from_pretrained(self.path, device=device, require_head=True)
+        self.model.requires_grad_(False)
+        if not (self.path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{self.path}: a reward model needs its tokenizer.json next to it")
+        self.tokenizer = Tokenizer.from_dir(self.path)
+        self.batch_size = batch_size
+
+    def encode(self, prompt: str, completion: str, in_reasoning: bool = False) -> list[int]:
+        from nanoseek.data import DataError
+        from nanoseek.data.chat import encode_chat
+        from nanoseek.inference.reasoning import split_reasoning
+
+        answer = split_reasoning(completion, in_reasoning)[1]
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        try:
+            return encode_chat(self.tokenizer, messages)[0]
+        except DataError:  # a reply the template cannot split cleanly: render the text whole
+            tok = self.tokenizer
+            return tok.encode(tok.apply_chat_template(messages[:1], add_generation_prompt=True) + answer) + [tok.eos_id]
+
+    def score(self, prompts: list[str], completions: list[str], in_reasoning: bool = False) -> list[float]:
+        seqs = [self.encode(p, c, in_reasoning)[-self.model.args.max_position_embeddings:]
+                for p, c in zip(prompts, completions)]
+        return self.model.score_sequences(seqs, self.batch_size)

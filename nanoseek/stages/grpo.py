@@ -56,6 +56,7 @@ from nanoseek.inference import Engine
 from nanoseek.model import ConfigError, Transformer
 from nanoseek.rl import rewards as R
 from nanoseek.rl.grpo import group_advantages, grpo_loss
+from nanoseek.rl.reward_model import RewardScorer
 from nanoseek.rl.report import plot_grpo, sample_table, write_report
 from nanoseek.rl.rollout import Batch, completion_logps, rollout
 from nanoseek.rl.tasks import load_task
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instruction", default="", help="a line appended to each problem")
     g.add_argument("--reward", action="append", default=[], metavar="NAME[=WEIGHT]",
                    help="reward term, repeatable: accuracy, countdown, code, format, format_zero, format_r1, "
-                        "language or module:function (default: the task's accuracy rule =1 and format=0.2)")
+                        "language, module:function or rm:DIR (a reward model from `nanoseek rm`, scored in batches) "
+                        "(default: the task's accuracy rule =1 and format=0.2)")
     g = p.add_argument_group("sampling (TRL names)")
     g.add_argument("--prompts-per-step", type=int_in(1), default=8, help="P: questions per step (R1-Zero: 32)")
     g.add_argument("--num-generations", type=int_in(2), default=8, help="G: completions per question (R1-Zero: 16)")
@@ -166,10 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def reward_terms(a) -> list[tuple[str, callable, float]]:
+def reward_terms(a, device="cpu") -> list[tuple[str, callable, float]]:
     """--reward terms; default: the task's accuracy rule (weight 1) and the template's format (0.2)."""
     if a.reward:
-        return R.parse_rewards(a.reward)
+        rms = [r for r in a.reward if r.startswith("rm:")]
+        terms = R.parse_rewards([r for r in a.reward if not r.startswith("rm:")])
+        for k, spec in enumerate(rms):  # reward models: loaded once, scored per group in batches
+            path, _, weight = spec[3:].rpartition("=") if "=" in spec else (spec[3:], "", "1")
+            try:
+                w = float(weight)
+            except ValueError:
+                raise ValueError(f"--reward {spec!r}: the weight {weight!r} is not a number") from None
+            terms.append(("rm" if len(rms) == 1 else f"rm{k}", RewardScorer(path, device), w))
+        return terms
     task = "countdown" if a.task == "countdown" else "accuracy"
     fmt = "format_zero" if a.template == "zero" else "format"
     return R.parse_rewards([f"{task}=1", f"{fmt}=0.2"])
@@ -196,12 +207,12 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     if a.keep_sampling_mask and a.speculative != "none":
         raise RunError("--keep-sampling-mask needs plain rollouts (the speculative path does not record masks)")
     scale = {"true": "group", "false": "none"}.get(a.scale_rewards, a.scale_rewards)
-    terms = reward_terms(a)
 
     # --- policy, reference, tokenizer, problems ------------------------------------------------------
     policy, tokenizer = load_model(model_dir, a.tokenizer or (resume_from if resume_from else None), a.device)
     device = policy.embed_tokens.weight.device
     policy.float()
+    terms = reward_terms(a, device)
     ref = None
     if a.beta > 0:
         ref = Transformer.from_pretrained(resume_from / "reference", device=device) if resume_from else \
@@ -282,7 +293,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 drawn_groups += want
                 for i, group in zip(idx, outs):
                     texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
-                    per_fn = [[float(fn(problems[i].prompt, t, problems[i].answer)) for t in texts]
+                    per_fn = [fn.score([problems[i].prompt] * len(texts), texts, a.think and a.template == "chat")
+                              if getattr(fn, "batched", False) else
+                              [float(fn(problems[i].prompt, t, problems[i].answer)) for t in texts]
                               for _, fn, _ in terms]
                     total = [sum(w * v[j] for (_, _, w), v in zip(terms, per_fn)) for j in range(len(group))]
                     new_tokens += sum(len(c.tokens) for c in group)
