@@ -222,10 +222,14 @@ def test_sharded_checkpoint_metadata_is_not_an_arbitrary_pickle(two_ranks, tmp_p
 
 def test_torchrun_train_is_the_one_process_run_and_resumes_in_one_process(tmp_path):
     """`nanoseek train` on 2 ranks with EP=2 (what torchrun launches), stopped at step 2, resumed in one
-    process from its sharded checkpoint: the same 4 losses as one process all along. Rank 0 alone logs."""
+    process from its sharded checkpoint, and the reverse: the same 4 losses as one process all along.
+    Rank 0 alone prints and logs."""
     from nanoseek.stages import prepare
     from nanoseek.stages import train as train_stage
+    from nanoseek.model import Transformer
+    from nanoseek.parallel.checkpoint import is_sharded
     from nanoseek.train.metrics import read_jsonl
+    from nanoseek.train.state import latest_checkpoint
 
     data = tmp_path / "data"
     assert prepare.main(["--out", str(data), "--max-bytes", "120000", "--vocab-size", "300", "--seq-len", "16",
@@ -246,11 +250,22 @@ def test_torchrun_train_is_the_one_process_run_and_resumes_in_one_process(tmp_pa
     try:
         assert train_stage.main(["--out", str(tmp_path / "two"), "--resume", "--quiet"]) == 0
         assert train_stage.main(["--out", str(tmp_path / "one"), *flags]) == 0
+        assert train_stage.main(["--out", str(tmp_path / "mixed"), *flags, "--stop-at", "2"]) == 0
     finally:
         torch.set_num_threads(threads)
-    two = [r for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "train"]
+    # and the other way: a one-process (HF layout) checkpoint resumed on 2 ranks, its AdamW moments sharded
+    procs = launch(2, ["-m", "nanoseek", "train", "--out", str(tmp_path / "mixed"), "--resume", "--ep", "2"])
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    final = latest_checkpoint(tmp_path / "mixed" / "checkpoints")  # sharded, and exported in the HF layout
+    assert is_sharded(final) and Transformer.from_pretrained(final).args.n_routed_experts == 4
     one = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if r["kind"] == "train"]
-    assert [r["step"] for r in two] == [1, 2, 3, 4]  # one line per step: rank 1 wrote none
+    for run in ("two", "mixed"):
+        other = [r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
+        assert [r["step"] for r in other] == [1, 2, 3, 4]  # one line per step: rank 1 wrote none
+        assert_same_logged_run(other, one)
+
+
+def assert_same_logged_run(two, one):
     for a, b in zip(two, one):
         assert a["tokens"] == b["tokens"] and sum(a["load"], []) == pytest.approx(sum(b["load"], []))  # same routing
         assert (a["loss"], a["mtp_loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["mtp_loss"], b["grad_norm"]),
