@@ -48,6 +48,7 @@ BENCHES = {
     "parallel": "nanoseek.bench.parallel",
     "sft": "nanoseek.bench.sft",
     "grpo": "nanoseek.bench.grpo",
+    "rm": "nanoseek.bench.rm",
 }
 
 
