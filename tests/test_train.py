@@ -1,6 +1,7 @@
 """Pre-training: schedules, balancing, losses, checkpoints and end-to-end `nanoseek train` runs on a
 tiny prepared corpus (a slice of the Python stdlib) with a model of a few thousand parameters."""
 
+import contextlib
 import json
 import math
 
@@ -305,3 +306,84 @@ def test_many_non_finite_steps_stop_with_last_good_checkpoint(data, tmp_path, mo
     last, good = Transformer.from_pretrained(ckpt), Transformer.from_pretrained(ckpt.parent / "step-000004")
     for (n, p), q in zip(last.state_dict().items(), good.state_dict().values()):
         assert torch.equal(p, q) and torch.isfinite(p).all(), n
+
+
+# --- budgets: --tokens and --max-minutes ------------------------------------------------------------
+def test_tokens_budget_sets_the_steps_and_the_schedule(data, tmp_path):
+    """--tokens 1300 at 4 × 32 = 128 tokens per step (no batch ramp): 11 steps, the last one crossing
+    the budget, and the learning-rate schedule runs its whole course over those tokens (the last
+    step is past the cosine decay, at a tenth of the peak)."""
+    assert run(data, tmp_path, "--tokens", "1300", "--eval-every", "0", "--warmup-steps", "2") == 0
+    train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["tokens"] for r in train] == [128 * i for i in range(1, 12)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["steps"], summary["tokens"], summary["stop_reason"]) == (11, 1408, "done")
+    lrs = [r["lr"] for r in train]
+    assert max(lrs) == pytest.approx(1e-2) and lrs[-1] == pytest.approx(0.1 * 1e-2)  # V3's 2.2e-5 / 2.2e-4
+
+
+def test_max_minutes_budget_from_measured_speed(monkeypatch):
+    """--max-minutes alone: the token budget is the measured training speed times the minutes left
+    (in seconds), less a margin. A fake clock makes every forward+backward take 0.5 s."""
+    import argparse
+
+    clock = iter(0.5 * i for i in range(1000))  # each read 0.5 s after the previous one
+    monkeypatch.setattr(train_stage.time, "perf_counter", lambda: next(clock))
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **SMALL))
+    a = argparse.Namespace(seed=0, micro_batch=2, max_minutes=10.0, mtp_lambda=0.3, seq_alpha=1e-4, aux_alpha=0.0,
+                           batch_size=4)
+    total = train_stage.budget_from_minutes(a, model, 16, torch.device("cpu"), contextlib.nullcontext, 0.0)
+    rate = 2 * 16 / 0.5  # tokens per second
+    assert 0.85 * rate * 600 < total <= rate * 600
+    assert all(p.grad is None for p in model.parameters())  # the measurement leaves no gradients behind
+
+
+def test_max_minutes_stops_a_longer_budget_and_alone_still_finishes(data, tmp_path):
+    """A time limit over a step budget stops the run at the limit (checkpoint, report, the reason in
+    the summary); --max-minutes alone plans a budget and finishes."""
+    assert run(data, tmp_path / "capped", "--steps", "100000", "--max-minutes", "0.02", "--eval-every", "0") == 0
+    summary = json.loads((tmp_path / "capped" / "summary.json").read_text())
+    assert 1 <= summary["steps"] < 100000 and "--max-minutes 0.02 reached" in summary["stop_reason"]
+    assert latest_checkpoint(tmp_path / "capped" / "checkpoints").name == f"step-{summary['steps']:06d}"
+    # the limit is checked after every step: the steps before the last one all ended within it
+    seconds = [r["batch"] * 32 / r["tok_per_s"] for r in read_jsonl(tmp_path / "capped" / "metrics.jsonl")
+               if r["kind"] == "train"]
+    assert sum(seconds[:-1]) <= 0.02 * 60
+    assert run(data, tmp_path / "alone", "--max-minutes", "0.02", "--eval-every", "0") == 0
+    summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert summary["steps"] >= 1 and (tmp_path / "alone" / "report.md").exists()
+
+
+# --- benchmarks: smoke runs (figures are produced, not checked) ---------------------------------------
+def test_bench_train_smoke(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from nanoseek.bench import train as bench_train
+
+    out = tmp_path / "train.jsonl"
+    assert bench_train.main(["--set", "num_hidden_layers=2", "--batch-size", "2", "--seq-len", "16", "--rounds", "1",
+                             "--steps", "1", "--out", str(out)]) == 0
+    assert "nanoseek / transformers" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"nanoseek", "transformers", "nanoseek +MTP +balance"}
+    assert all(r["tok_per_s"] > 0 and r["step_ms"] > 0 for r in record["rows"].values()) and record["ratio"] > 0
+
+
+def test_bench_balance_smoke(data, tmp_path, capsys):
+    from nanoseek.bench import balance as bench_balance
+
+    sets = [x for k, v in SMALL.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    # two of the three arms (each is a `nanoseek train` process; "none" only differs in its flags)
+    assert bench_balance.main(["--data", str(data), "--out", str(tmp_path), "--steps", "2", "--batch-size", "2",
+                               "--arms", "aux-loss", "loss-free", *sets]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ablation.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["aux-loss", "loss-free"] and all(r["steps"] == 2 for r in rows)
+    assert all(math.isfinite(r["maxvio_batch"]) and math.isfinite(r["val_loss"]) for r in rows)
+    assert "| loss-free |" in (tmp_path / "ablation.md").read_text() and "aux-loss" in capsys.readouterr().out
+    # each arm really ran its recipe: the aux arm logs the batch-wide loss (α = 0.01, so ~0.01 per
+    # MoE layer), and only the loss-free arm moved the balancing biases
+    aux = [r["balance_loss"] for r in read_jsonl(tmp_path / "aux-loss" / "metrics.jsonl") if r["kind"] == "train"]
+    assert all(0.005 < b < 0.1 for b in aux)
+    for arm, moved in (("aux-loss", False), ("loss-free", True)):
+        model = Transformer.from_pretrained(latest_checkpoint(tmp_path / arm / "checkpoints"))
+        assert any(g.e_score_correction_bias.abs().sum() > 0 for g in moe_gates(model)) == moved, arm
