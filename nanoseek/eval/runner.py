@@ -98,8 +98,10 @@ class Sample:
 
 def sample_problems(model, tokenizer, prompts: list[list[int]], k: int, max_new_tokens: int = 512,
                     temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, batch_size: int = 32,
-                    progress: bool = True, engine: Engine | None = None) -> list[list[Sample]]:
-    """k completions for each prompt -> samples[i][j]. One engine, continuous batching (module docstring)."""
+                    progress: bool = True, engine: Engine | None = None, compile: bool | None = None,
+                    speculative: str | None = "auto") -> list[list[Sample]]:
+    """k completions for each prompt -> samples[i][j]. One engine, continuous batching (module docstring);
+    `compile` / `speculative` are the Engine's (None: automatic / no speculation)."""
     longest = max(len(p) for p in prompts)
     context = model.args.max_position_embeddings
     if longest + 1 > context:
@@ -107,7 +109,8 @@ def sample_problems(model, tokenizer, prompts: list[list[int]], k: int, max_new_
     max_new_tokens = min(max_new_tokens, context - longest)
     if engine is None:
         # No tokenizer in the engine: completions are decoded once at the end, not as text deltas per token.
-        engine = Engine(model, max_batch_size=min(batch_size, len(prompts) * k), max_seq_len=longest + max_new_tokens)
+        engine = Engine(model, max_batch_size=min(batch_size, len(prompts) * k), max_seq_len=longest + max_new_tokens,
+                        compile=compile, speculative=speculative)
     queue = [(i, j) for i in range(len(prompts)) for j in range(k)]
     queue.reverse()
     out: list[list[Sample | None]] = [[None] * k for _ in prompts]
@@ -221,14 +224,23 @@ def add_flags(p: argparse.ArgumentParser, n_default: int, split_default: str, mo
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32, help="requests decoded together")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (default: automatic, as in `nanoseek generate`)")
+    p.add_argument("--speculative", choices=["auto", "mtp", "off"], default="auto",
+                   help="MTP speculative decoding (sampling stays exact): auto while it is faster, mtp, off")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def check_flags(a) -> None:
-    if a.n < 0 or a.max_new_tokens < 1 or a.batch_size < 1 or a.k < 1:
-        raise EvalError("--n must be >= 0; --k, --max-new-tokens and --batch-size >= 1")
-    if not 0 <= a.temperature <= 10 or not 0 < a.top_p <= 1:
-        raise EvalError("--temperature must be in [0, 10] and --top-p in (0, 1]")
+    """Each flag's range, named with the value the user typed (one line, exit 2 from the stage)."""
+    limits = [("--n", a.n, 0, 2**31 - 1), ("--k", a.k, 1, 2**31 - 1), ("--max-new-tokens", a.max_new_tokens, 1, 2**31 - 1),
+              ("--batch-size", a.batch_size, 1, 2**31 - 1), ("--seed", a.seed, 0, 2**32 - 1), ("--digits", a.digits, 1, 18),
+              ("--temperature", a.temperature, 0, 10)]
+    for flag, value, lo, hi in limits:
+        if not lo <= value <= hi:
+            raise EvalError(f"{flag} must be in [{lo}, {hi}], got {value}")
+    if not 0 < a.top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.task in ("arithmetic", "countdown") and a.n == 0:
         raise EvalError(f"--n must be >= 1 for the {a.task} task")
 
@@ -253,8 +265,11 @@ def run_flags(a) -> Sampled:
     texts = [p.prompt + (f"\n{a.instruction}" if a.instruction else "") for p in problems]
     prompts = [build_prompt(tokenizer, p, a.template, a.instruction, a.think) for p in problems]
     t0 = time.perf_counter()
+    if a.speculative == "mtp" and not len(model.mtp):
+        raise EvalError(f"--speculative mtp needs MTP modules; {a.model} has none")
     samples = sample_problems(model, tokenizer, prompts, a.k, a.max_new_tokens, a.temperature, a.top_p, a.seed,
-                              a.batch_size, progress=not a.quiet)
+                              a.batch_size, progress=not a.quiet, compile=a.compile,
+                              speculative=None if a.speculative == "off" else a.speculative)
     return Sampled(tokenizer, problems, texts, prompts, samples, time.perf_counter() - t0)
 
 
