@@ -28,7 +28,7 @@ stage() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
 TASK=(--task arithmetic --digits "$DIGITS")
 EVAL=(--split test --n "$N_TEST" --k "$K" --think --max-new-tokens 96 --quiet)
 STUDENT=(--set num_hidden_layers=2 --set hidden_size=96)
-GRPO=(--reward accuracy=1 --reward format=0.2 --steps "$RL_STEPS" --prompts-per-step 8 --num-generations 8
+GRPO=(--n-problems "$COLD_N" --reward accuracy=1 --reward format=0.2 --steps "$RL_STEPS" --prompts-per-step 8 --num-generations 8
       --max-completion-length 96 --temperature 1.0 --lr 1e-4 --beta 0.001 --epsilon-high 0.28 --sample-every 20 --quiet)
 
 rm -rf "$RUN"
@@ -46,7 +46,7 @@ stage "eval: distilled student";  nanoseek eval --model "$RUN/student-distilled"
 stage "sft: the student's own cold start";  nanoseek sft --model "$RUN/student-base" --data "$RUN/cold.jsonl" --out "$RUN/student-sft" --epochs 6 --lr 1e-3 --seq-len 512 --quiet
 stage "grpo: the student's own RL";  nanoseek grpo --model "$RUN/student-sft" "${TASK[@]}" "${GRPO[@]}" --out "$RUN/student-rl"
 stage "eval: student with its own RL";  nanoseek eval --model "$RUN/student-rl" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/student-rl/eval"
-stage "grpo: R1-Zero from the base model";  nanoseek grpo --model "$RUN/base" "${TASK[@]}" --template zero --reward accuracy=1 --reward format_zero=0.5 --steps "$RL_STEPS" --prompts-per-step 8 --num-generations 8 --max-completion-length 96 --lr 1e-4 --beta 0.001 --sample-every 20 --quiet --out "$RUN/r1zero"
+stage "grpo: R1-Zero from the base model";  nanoseek grpo --model "$RUN/base" "${TASK[@]}" --template zero --n-problems "$COLD_N" --reward accuracy=1 --reward format_zero=0.5 --steps "$RL_STEPS" --prompts-per-step 8 --num-generations 8 --max-completion-length 96 --lr 1e-4 --beta 0.001 --sample-every 20 --quiet --out "$RUN/r1zero"
 stage "results: pass@1 over $K samples x $N_TEST test problems ($((K * N_TEST)) completions each)"
 for d in sft rl student-distilled student-rl; do
     printf '%-20s ' "$d"; grep -E '"(pass@1|cons@[0-9]+|format_rate)"' "$RUN/$d/eval/summary.json" | tr -d '\n '; echo
