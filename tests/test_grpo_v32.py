@@ -1,6 +1,7 @@
 """DeepSeek-V3.2's GRPO refinements in nanoseek.rl.grpo: the unbiased KL estimate (value and gradient
 against the formula) and off-policy sequence masking (exactly the sequences the rule names)."""
 
+import pytest
 import torch
 
 from nanoseek.rl.grpo import grpo_loss, off_policy_sequences
@@ -107,11 +108,13 @@ def test_kept_sampling_mask_gives_the_truncated_distributions_logps(one_thread):
     assert truncated > 0 and (got - plain).abs().max() > 1e-3  # the mask mattered
 
 
-def test_grpo_stage_runs_with_the_three_refinements_and_a_reward_model(tmp_path, one_thread):
+def tiny_policy_and_rm(tmp_path):
+    """A tiny random policy (tmp_path/m) and a random reward model with its tokenizer (tmp_path/rm)."""
     import json
 
     from nanoseek.data import train_bpe
-    from nanoseek.stages import grpo as grpo_stage
+    from nanoseek.model import ModelArgs, Transformer
+    from nanoseek.rl.reward_model import RewardModel
     from nanoseek.stages import init as init_stage
 
     texts = [f"What is {a} + {b}? The answer is \\boxed{{{a + b}}}." for a in range(20) for b in range(5)]
@@ -125,22 +128,61 @@ def test_grpo_stage_runs_with_the_three_refinements_and_a_reward_model(tmp_path,
     assert init_stage.main(["--preset", "tiny", "--out", str(tmp_path / "m"), *sets, "--tokenizer",
                             str(tmp_path / "tok")]) == 0
     # a reward model (random head) with its own tokenizer, as `nanoseek rm` leaves it
-    from nanoseek.model import ModelArgs, Transformer
-    from nanoseek.rl.reward_model import RewardModel
-
-    rm_args = {k: v for k, v in tiny.items()} | dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    RewardModel(Transformer(ModelArgs(**rm_args))).save_pretrained(tmp_path / "rm")
+    RewardModel(Transformer(ModelArgs(**tiny, bos_token_id=0, eos_token_id=1, pad_token_id=2))).save_pretrained(
+        tmp_path / "rm")
     tok.save(tmp_path / "rm")
+    return tmp_path / "m", tmp_path / "rm"
+
+
+def grpo_records(out):
+    import json
+
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r.get("kind") == "grpo"]
+
+
+GRPO_FAST = ["--prompts-per-step", "2", "--num-generations", "3", "--max-completion-length", "6", "--steps", "2",
+             "--quiet", "--sample-every", "0"]
+
+
+def test_grpo_stage_runs_with_the_three_refinements_and_a_reward_model(tmp_path, one_thread):
+    from nanoseek.stages import grpo as grpo_stage
+
+    model, rm = tiny_policy_and_rm(tmp_path)
     out = tmp_path / "run"
     assert grpo_stage.main([
-        "--model", str(tmp_path / "m"), "--out", str(out), "--task", "arithmetic", "--digits", "1", "--n-problems",
-        "20", "--prompts-per-step", "2", "--num-generations", "3", "--max-completion-length", "6", "--steps", "2",
-        "--beta", "0.01", "--unbiased-kl", "--off-policy-mask", "0", "--keep-sampling-mask", "--top-p", "0.9",
-        "--top-k", "50", "--num-iterations", "2", "--quiet", "--sample-every", "0",
-        "--reward", "accuracy=1", "--reward", f"rm:{tmp_path / 'rm'}=0.5"]) == 0
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in recs if r.get("kind") == "grpo"]
+        "--model", str(model), "--out", str(out), "--task", "arithmetic", "--digits", "1", "--n-problems", "20",
+        *GRPO_FAST, "--beta", "0.01", "--unbiased-kl", "--off-policy-mask", "0", "--keep-sampling-mask",
+        "--top-p", "0.9", "--top-k", "50", "--num-iterations", "2",
+        "--reward", "accuracy=1", "--reward", f"rm:{rm}=0.5"]) == 0
+    steps = grpo_records(out)
     assert len(steps) == 2 and all(0 <= r["off_policy_masked"] <= 1 and r["kl"] >= 0 for r in steps)
     for r in steps:  # the RM's scores are logged like a rule reward and weighted into the total
         assert r["rewards/rm/std"] > 0
         assert abs(r["reward"] - (r["rewards/accuracy/mean"] + 0.5 * r["rewards/rm/mean"])) < 1e-5
+
+
+def test_task_rows_choose_rule_rewards_or_the_reward_model(tmp_path, one_thread, capsys):
+    import json
+
+    from nanoseek.data import DataError
+    from nanoseek.rl.tasks import load_problems
+    from nanoseek.stages import grpo as grpo_stage
+
+    model, rm = tiny_policy_and_rm(tmp_path)
+    rows = [{"prompt": "What is 1 + 2?", "answer": 3, "reward": "rule"}, {"prompt": "Write a haiku.", "reward": "rm"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p.reward for p in load_problems(tmp_path / "mixed.jsonl")] == ["rule", "rm"]
+    out = tmp_path / "run"
+    assert grpo_stage.main(["--model", str(model), "--out", str(out), "--task", str(tmp_path / "mixed.jsonl"),
+                            "--n-problems", "2", *GRPO_FAST, "--no-think", "--reward", "format=1", "--reward", f"rm:{rm}=1"]) == 0
+    for r in grpo_records(out):  # each prompt scored by its own terms: the total is the mean of the two halves
+        assert r["rewards/rm/std"] > 0
+        assert abs(r["reward"] - 0.5 * (r["rewards/format/mean"] + r["rewards/rm/mean"])) < 1e-5
+    # rm rows without a reward model, and a bad choice, are one-line errors
+    assert grpo_stage.main(["--model", str(model), "--out", str(tmp_path / "r2"), "--task",
+                            str(tmp_path / "mixed.jsonl"), *GRPO_FAST, "--reward", "format=1"]) == 2
+    assert 'rows with "reward": "rm" but no --reward rm:DIR' in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "answer": 1}\n{"prompt": "y", "reward": "judge"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2: \"reward\" must be"):
+        load_problems(tmp_path / "bad.jsonl")

@@ -36,12 +36,15 @@ OPS = {"+": "+", "-": "−", "*": "×"}  # ASCII in keys and code, the usual sig
 @dataclass
 class Problem:
     """prompt: the question text; answer: the reference answer; task: "arithmetic" | "countdown" |
-    "math" (user files) | "code" (answer = test code); numbers: countdown's allowed numbers."""
+    "math" (user files) | "code" (answer = test code); numbers: countdown's allowed numbers; reward:
+    which of GRPO's reward terms score it (None: all; "rm": the reward models only, for general
+    prompts without a checkable answer; "rule": the other terms only; R1 §2.3.4)."""
 
     prompt: str
     answer: str
     task: str = "math"
     numbers: list[int] = field(default_factory=list)
+    reward: str | None = None
 
 
 def in_split(key: str, split: str) -> bool:
@@ -118,7 +121,8 @@ GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
 def load_problems(path: str | os.PathLike, task: str = "math") -> list[Problem]:
     """User problems from JSONL: one `{"prompt" or "question": str, "answer": str|number}` per line
     (GSM8K's "reasoning ... #### 42" answers keep the part after ####, commas dropped).
-    Code problems: `{"prompt": ..., "tests": "assert f(1) == 2\\n..."}` (task "code").
+    Code problems: `{"prompt": ..., "tests": "assert f(1) == 2\\n..."}` (task "code"). An optional
+    "reward": "rm" | "rule" picks GRPO's reward terms per prompt ("rm" rows need no answer).
     Bad rows raise DataError naming the file and line; blank lines are skipped."""
     path = Path(path)
     try:
@@ -138,10 +142,16 @@ def load_problems(path: str | os.PathLike, task: str = "math") -> list[Problem]:
         prompt = row.get("prompt", row.get("question"))
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f'{path}:{n}: needs a "prompt" (or "question") string')
+        choice = row.get("reward")
+        if choice not in (None, "rm", "rule"):
+            raise DataError(f'{path}:{n}: "reward" must be "rm" or "rule", got {choice!r}')
+        if choice == "rm" and "answer" not in row and "tests" not in row:
+            out.append(Problem(prompt, "", task, reward="rm"))
+            continue
         if "tests" in row:
             if not isinstance(row["tests"], str):
                 raise DataError(f'{path}:{n}: "tests" must be a string of Python test code')
-            out.append(Problem(prompt, row["tests"], "code"))
+            out.append(Problem(prompt, row["tests"], "code", reward=choice))
             continue
         answer = row.get("answer")
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
@@ -151,7 +161,7 @@ def load_problems(path: str | os.PathLike, task: str = "math") -> list[Problem]:
         m = GSM8K_ANSWER.search(answer)
         if m:
             answer = m.group(1).replace(",", "")
-        out.append(Problem(prompt, answer.strip(), task))
+        out.append(Problem(prompt, answer.strip(), task, reward=choice))
     if not out:
         raise DataError(f"{path}: no problems")
     return out

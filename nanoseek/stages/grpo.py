@@ -221,6 +221,11 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     problems = load_task(a.task, a.n_problems, a.seed, "train", digits=a.digits)
     if not problems:
         raise DataError(f"--task {a.task}: no problems")
+    has_rm = any(getattr(fn, "batched", False) for _, fn, _ in terms)
+    for kind, needs in (("rm", has_rm), ("rule", len(terms) > has_rm)):
+        if any(p.reward == kind for p in problems) and not needs:
+            raise RunError(f'--task {a.task}: rows with "reward": "{kind}" but no '
+                           f'{"--reward rm:DIR" if kind == "rm" else "rule reward"} term to score them')
     prompts = [build_prompt(tokenizer, p, a.template, a.instruction, a.think and a.template == "chat")
                for p in problems]
     max_len = max(map(len, prompts)) + a.max_completion_length
@@ -293,11 +298,14 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 drawn_groups += want
                 for i, group in zip(idx, outs):
                     texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in group]
-                    per_fn = [fn.score([problems[i].prompt] * len(texts), texts, a.think and a.template == "chat")
-                              if getattr(fn, "batched", False) else
-                              [float(fn(problems[i].prompt, t, problems[i].answer)) for t in texts]
-                              for _, fn, _ in terms]
-                    total = [sum(w * v[j] for (_, _, w), v in zip(terms, per_fn)) for j in range(len(group))]
+                    # the R1 recipe: a task row's "reward" field picks rule terms or reward models (None: all)
+                    choice = problems[i].reward
+                    per_fn = [[None] * len(texts) if choice and (choice == "rm") != is_rm else
+                              fn.score([problems[i].prompt] * len(texts), texts, a.think and a.template == "chat")
+                              if is_rm else [float(fn(problems[i].prompt, t, problems[i].answer)) for t in texts]
+                              for _, fn, _ in terms for is_rm in [getattr(fn, "batched", False)]]
+                    total = [sum(w * v[j] for (_, _, w), v in zip(terms, per_fn) if v[j] is not None)
+                             for j in range(len(group))]
                     new_tokens += sum(len(c.tokens) for c in group)
                     if a.dynamic_sampling and len(set(total)) == 1:
                         continue
@@ -375,9 +383,12 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 texts = [(problems[g[0]], t) for g in groups for t in g[2]]
                 rec.update({
                     "reward": _mean(all_values), "reward_std": _std(all_values),
-                    **{f"rewards/{n}/mean": _mean([v for g in groups for v in g[3][k]]) for k, (n, _, _) in enumerate(terms)},
-                    **{f"rewards/{n}/std": _std([v for g in groups for v in g[3][k]]) for k, (n, _, _) in enumerate(terms)},
-                    "accuracy": _mean([accuracy(p.prompt, t, p.answer) for p, t in texts]) if accuracy else None,
+                    **{f"rewards/{n}/mean": _mean([v for g in groups for v in g[3][k] if v is not None])
+                       for k, (n, _, _) in enumerate(terms)},
+                    **{f"rewards/{n}/std": _std([v for g in groups for v in g[3][k] if v is not None])
+                       for k, (n, _, _) in enumerate(terms)},
+                    "accuracy": _mean([accuracy(p.prompt, t, p.answer) for p, t in texts if p.reward != "rm"])
+                    if accuracy else None,
                     "format_rate": _mean([R.format_reward(p.prompt, t, p.answer) for p, t in texts]),
                     "completion_length": _mean(lengths), "completion_length_max": max(lengths, default=0),
                     "truncated": _mean([c.finish_reason == "length" for g in groups for c in g[1]]),
