@@ -164,7 +164,7 @@ def nanoseek_peer(model, prompts, new_tokens: int, compile=True, speculative=(No
     def run(mode=None) -> dict:
         outs = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True, speculative=mode)
         s = engine.stats
-        verdict = s.get("speculative_auto", {}).get(1, {}).get("speculating") if mode == "auto" else None
+        verdict = engine.auto.summary().get(1, {}).get("speculating") if mode == "auto" else None
         return dict(decode_tok_s=s["decode_tokens_per_s"], prefill_s=s["prefill_s"], tokens=outs,
                     cache_bytes=engine.cache_bytes_per_token, acceptance=s.get("acceptance_rate"),
                     tokens_per_step=s["tokens_per_row_step"], step_s=s["decode_s"] / max(s["decode_steps"], 1),

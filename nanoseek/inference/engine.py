@@ -332,7 +332,7 @@ class Engine:
         events: list[StepEvent] = []
         if self.running:
             n = len(self.running)
-            self.steps.just_compiled = False
+            self.steps.just_compiled, self._catch_up_s = False, 0.0
             t0 = time.perf_counter()
             try:
                 speculate = self._speculate_now()
@@ -341,7 +341,8 @@ class Engine:
                 speculate, new = False, self._fail(self.running, e)
             seconds = time.perf_counter() - t0
             if self.speculative == "auto" and not self.steps.just_compiled:
-                self.auto.record(n, speculate, seconds, len(new) / n)
+                # catching the MTP cache up is the price of switching, not of a speculative step
+                self.auto.record(n, speculate, seconds - self._catch_up_s, len(new) / n)
             # rent for the automatic compile: eager steps that a compiled graph would have run
             if not self.steps.active and self._graph_fits(n) and self.steps.after_eager_step(seconds):
                 self.auto = spec.AutoSpeculation()  # compiled steps cost differently: measure again
@@ -486,11 +487,13 @@ class Engine:
         extra = len(req.hidden) - (self.depth + 1)
         if extra <= 0:
             return
+        t0 = time.perf_counter()
         positions = (torch.arange(req.pos - len(req.hidden), req.pos - self.depth - 1, device=self.device)
                      .clamp(min=0)[None])
         spec.catch_up(self.model.mtp_step, req.hidden[None, :extra], positions, req.token_at,
                       self.mtp_cache.rows(row, row + 1), kv_len=req.pos)
         req.hidden = req.hidden[extra:]
+        self._catch_up_s += time.perf_counter() - t0
 
     def _decode_speculative(self) -> list[StepEvent]:
         """Draft D tokens per request with the MTP modules, verify them in one main forward."""

@@ -176,14 +176,15 @@ class AutoSpeculation:
     Per bucket of batch sizes (1, 2, 3-4, 5-8, ...) it keeps the last few step times of plain and
     speculative decoding and the tokens per request a speculative step yields, and picks the mode
     with more tokens per second: speculative iff tokens_per_step / t_spec > (1 + MARGIN) / t_plain.
-    A new bucket is measured PROBE steps plain, then PROBE steps speculative. After that the
-    losing mode is re-measured for PROBE steps after `interval` steps, the interval doubling
-    (from REPROBE up to 16x) while the verdict holds, since acceptance drifts with the text and
-    the step costs with the context length. Medians keep one slow step (another process, a page
-    fault) from deciding.
+    A new bucket is measured in alternating plain and speculative steps (PROBE of each), so both
+    are timed under the same load. After that the modes alternate again for PROBE steps (half
+    each, joining the older samples) each time `interval` steps have passed, the interval doubling (from REPROBE up to 16x) while the
+    verdict holds, since acceptance drifts with the text and the step costs with the context length. A mode's cost is the fastest of its last 16 steps:
+    interference (other processes, a page fault) only ever slows a step down, and on a busy machine
+    more than half the steps were preempted, which moved medians by 10x.
     """
 
-    PROBE, REPROBE, MARGIN = 4, 128, 0.02
+    PROBE, REPROBE, MARGIN = 8, 128, 0.02
 
     def __init__(self):
         self.buckets: dict[int, dict] = {}
@@ -193,35 +194,32 @@ class AutoSpeculation:
         return 1 << (n - 1).bit_length()
 
     def _get(self, n: int) -> dict:
-        return self.buckets.setdefault(self.bucket(n), dict(plain=deque(maxlen=8), spec=deque(maxlen=8),
-                                                            tokens=deque(maxlen=32), since=0,
+        return self.buckets.setdefault(self.bucket(n), dict(plain=deque(maxlen=16), spec=deque(maxlen=16),
+                                                            tokens=deque(maxlen=32), since=0, turn=True,
                                                             interval=self.REPROBE, probing=0, on=None))
 
     @staticmethod
-    def _median(values) -> float:
-        return sorted(values)[len(values) // 2]
+    def _cost(times) -> float:
+        return min(times)
 
     def speedup(self, n: int) -> float | None:
         """Measured speculative / plain tokens per second at batch size n (None: not measured yet)."""
         b = self._get(n)
         if not b["plain"] or not b["spec"] or not b["tokens"]:
             return None
-        return sum(b["tokens"]) / len(b["tokens"]) * self._median(b["plain"]) / self._median(b["spec"])
+        return sum(b["tokens"]) / len(b["tokens"]) * self._cost(b["plain"]) / self._cost(b["spec"])
 
     def choose(self, n: int) -> bool:
         """Speculate in this step at batch size n?"""
         b = self._get(n)
-        if len(b["plain"]) < self.PROBE:
-            return False
-        if len(b["spec"]) < self.PROBE:
-            return True
+        if b["probing"] or len(b["plain"]) < self.PROBE or len(b["spec"]) < self.PROBE:
+            b["probing"] = max(b["probing"] - 1, 0)
+            b["turn"] = not b["turn"]  # plain first, then alternating
+            return b["turn"]
         on = self.speedup(n) > 1 + self.MARGIN
         if b["on"] is not None and on != b["on"]:
             b["interval"] = self.REPROBE  # the verdict changed: look again soon
         b["on"] = on
-        if b["probing"]:
-            b["probing"] -= 1
-            return not on
         b["since"] += 1
         if b["since"] >= b["interval"]:
             b["since"], b["probing"] = 0, self.PROBE
@@ -244,7 +242,7 @@ class AutoSpeculation:
         """{bucket: {"speculating", "speedup", "plain_ms", "speculative_ms", "tokens_per_step"}}."""
         out = {}
         for size, b in sorted(self.buckets.items()):
-            med = lambda q: round(1e3 * self._median(q), 3) if q else None  # noqa: E731
+            med = lambda q: round(1e3 * self._cost(q), 3) if q else None  # noqa: E731
             out[size] = dict(speculating=b["on"], speedup=self.speedup(size), plain_ms=med(b["plain"]),
                              speculative_ms=med(b["spec"]),
                              tokens_per_step=sum(b["tokens"]) / len(b["tokens"]) if b["tokens"] else None)
