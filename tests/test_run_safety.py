@@ -263,3 +263,22 @@ def test_invalid_json_in_dataset_files_names_the_file(data, tmp_path, capsys, da
     assert train(copy, tmp_path / "run", "--steps", "1") == 2
     err = capsys.readouterr().err
     assert f"{copy / damaged}: not valid JSON" in err and err.count("\n") == 1
+
+
+def test_checkpoint_never_takes_weights_from_the_tokenizer_dir(tmp_path):
+    """Bug: save_checkpoint(tokenizer_dir=<a model directory>) copied that directory's config and
+    weights over the ones just saved, so the checkpoint silently held the old model."""
+    import torch
+
+    from nanoseek.model import Transformer, preset
+    from nanoseek.train.state import save_checkpoint
+
+    args = preset("tiny", **SMALL, vocab_size=64)
+    old, new = Transformer(args), Transformer(args)
+    old.save_pretrained(tmp_path / "old")
+    (tmp_path / "old" / "tokenizer.json").write_text("{}")
+    opt = torch.optim.AdamW(new.parameters())
+    ckpt = save_checkpoint(tmp_path / "ckpts", 1, new, opt, {"step": 1}, tokenizer_dir=tmp_path / "old")
+    loaded = Transformer.from_pretrained(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), new.state_dict().values()))
+    assert (ckpt / "tokenizer.json").exists()

@@ -96,9 +96,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: Transformer, opti
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         model.save_pretrained(tmp)
-        if tokenizer_dir is not None:
+        if tokenizer_dir is not None:  # a model directory may be passed: its weights must not overwrite ours
             for f in Path(tokenizer_dir).iterdir():
-                if f.is_file():
+                if f.is_file() and not (tmp / f.name).exists() and not f.name.startswith("."):
                     shutil.copy2(f, tmp / f.name)
         _save_trainer_state(tmp / "trainer_state", model, optimizer, state)
         for name, extra in (extra_models or {}).items():
