@@ -150,3 +150,13 @@ def test_packed_loss_is_the_sum_of_conversation_losses():
     keep = packed.loss_mask
     leaky = torch.nn.functional.cross_entropy(out.logits[keep], packed.targets[keep], reduction="sum").item()
     assert abs(leaky - ce) > 1e-3
+
+
+def test_jsonl_with_a_byte_order_mark_is_read(tmp_path):
+    """Bug: a UTF-8 BOM (what many Windows editors write) made the first row 'invalid JSON'."""
+    tok = load_deepseek_v3()
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(good) + "\n").encode() * 2)
+    convs, skipped = read_chat_jsonl(path, tok, max_len=32)
+    assert len(convs) == 2 and not skipped.lines

@@ -167,6 +167,27 @@ def _lines(lines: list[int]) -> str:
     return ", ".join(map(str, lines[:5])) + (f" (+{len(lines) - 5} more)" if len(lines) > 5 else "")
 
 
+def jsonl_lines(path: Path) -> list[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL file with their 1-based numbers; a UTF-8 byte-order mark at the
+    start is dropped. An unreadable file is one DataError."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    return [(n, line) for n, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
+
+
+def parse_json_line(line: bytes):
+    """One JSONL line -> its value; DataError("not UTF-8" / "invalid JSON (...)") for the caller to place."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON ({e.msg})") from None
+
+
 def read_chat_jsonl(path: str | os.PathLike, tokenizer, max_len: int, too_long: str = "drop",
                     skip_bad: bool = False) -> tuple[list[tuple[list[int], list[bool]]], Skipped]:
     """Read and encode a chat JSONL file.
@@ -180,22 +201,11 @@ def read_chat_jsonl(path: str | os.PathLike, tokenizer, max_len: int, too_long: 
     if too_long not in ("drop", "truncate", "error"):
         raise ValueError(f"too_long must be drop, truncate or error, got {too_long!r}")
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     skipped = Skipped(str(path))
     out: list[tuple[list[int], list[bool]]] = []
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
+    for n, line in jsonl_lines(path):
         try:
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError("not UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg})") from None
+            row = parse_json_line(line)
             if not isinstance(row, dict) or "messages" not in row:
                 raise DataError('expected an object with a "messages" list')
             ids, mask = encode_chat(tokenizer, row["messages"])

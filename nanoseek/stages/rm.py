@@ -41,7 +41,7 @@ from tqdm import tqdm
 from nanoseek.checkpoint import CheckpointError, resolve_model_dir
 from nanoseek.cli import float_in, int_in
 from nanoseek.data import DataError, Tokenizer
-from nanoseek.data.chat import Skipped, encode_chat
+from nanoseek.data.chat import Skipped, encode_chat, jsonl_lines, parse_json_line
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import ConfigError
 from nanoseek.rl.reward_model import RewardModel, bt_loss, pad_batch
@@ -147,22 +147,10 @@ def encode_pair(tokenizer, row) -> Pair:
 
 def read_pairs(path: Path, tokenizer, max_len: int, skip_bad: bool = False) -> tuple[list[Pair], Skipped]:
     """Encode a pairs JSONL file. Errors are DataError("FILE:LINE: ..."); blank lines are ignored."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     skipped, out = Skipped(str(path)), []
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
+    for n, line in jsonl_lines(path):
         try:
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError("not UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg})") from None
-            pair = encode_pair(tokenizer, row)
+            pair = encode_pair(tokenizer, parse_json_line(line))
         except DataError as e:
             if not skip_bad:
                 raise DataError(f"{path}:{n}: {e}") from None
