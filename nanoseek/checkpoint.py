@@ -201,6 +201,35 @@ def _read_other_shard(file: Path, name: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
 
+def read_layout(path: Path, head: str = "lm") -> tuple[ModelArgs, list[Path], dict[str, Path] | None]:
+    """A model directory's config and files: (args, shard files, the index's name -> file map or None).
+
+    args has num_nextn_predict_layers=0 when the config names MTP modules the files do not hold
+    (transformers drops them when it saves; such a checkpoint is still a whole model)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: no config.json (not an HF-layout model directory)")
+    args = ModelArgs.from_json(path / "config.json")
+    files, weight_map = _shard_files(path)
+    if args.num_nextn_predict_layers and not _has_layer(files, args.num_hidden_layers):
+        if head != "score":  # (a reward model never has them)
+            warnings.warn(f"{path}: config has num_nextn_predict_layers={args.num_nextn_predict_layers} but "
+                          "the checkpoint holds no MTP tensors; loading without MTP modules")
+        args = args.replace(num_nextn_predict_layers=0)
+    return args, files, weight_map
+
+
+def default_dtype(args: ModelArgs, device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are very slow there), the checkpoint's torch_dtype elsewhere."""
+    return torch.float32 if device.type == "cpu" else getattr(torch, args.torch_dtype, torch.bfloat16)
+
+
+def weight_block(args: ModelArgs) -> tuple[int, int]:
+    """The FP8 block shape of the checkpoint's `_scale_inv` tensors ([128, 128] for DeepSeek-V3)."""
+    return tuple((args.quantization_config or {}).get("weight_block_size", (128, 128)))
+
+
 def load(path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          head: str = "lm") -> Transformer:
     """Load an HF-layout directory into a Transformer.
@@ -216,23 +245,12 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     and tensor for a missing, unexpected, mis-shaped or unreadable tensor.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: no config.json (not an HF-layout model directory)")
-    args = ModelArgs.from_json(path / "config.json")
-    files, weight_map = _shard_files(path)
-    if args.num_nextn_predict_layers and not _has_layer(files, args.num_hidden_layers):
-        # transformers drops MTP modules when it saves; such a checkpoint is still a whole model.
-        if head != "score":  # (a reward model never has them)
-            warnings.warn(f"{path}: config has num_nextn_predict_layers={args.num_nextn_predict_layers} but "
-                          "the checkpoint holds no MTP tensors; loading without MTP modules")
-        args = args.replace(num_nextn_predict_layers=0)
+    args, files, weight_map = read_layout(path, head)
     device = torch.device(device)
     fp8_resident = dtype == "fp8"
     if dtype is None or fp8_resident:
-        dtype = torch.float32 if device.type == "cpu" else getattr(torch, args.torch_dtype, torch.bfloat16)
-    block = tuple((args.quantization_config or {}).get("weight_block_size", (128, 128)))
+        dtype = default_dtype(args, device)
+    block = weight_block(args)
 
     with torch.device("meta"):
         model = Transformer(args).to(dtype)

@@ -9,6 +9,8 @@
     pipeline.py     torch.distributed.pipelining stages and schedules (1F1B, DualPipeV)
     checkpoint.py   sharded DCP checkpoints (each rank writes its shards), resumable at another
                     layout; export to the HF layout
+    inference.py    sharded inference: MLA heads tensor-parallel, experts expert-parallel, vocab-parallel
+                    embedding and head; load_sharded reads each rank's slices straight from the HF files
     eplb.py         expert-placement planning for serving (DeepSeek's EPLB: packing, replication,
                     hierarchical placement), a pure function of the recorded loads
 
