@@ -267,6 +267,7 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
         with torch.no_grad():
             model.lm_head.weight.zero_()
     seen: set[str] = set()
+    known = params.keys() | fp8_slots.keys()
 
     for file in files:
         try:
@@ -279,17 +280,9 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
             for name in sorted(keys):
                 if head == "score" and name == "score.weight":
                     continue
-                if name.endswith("_scale_inv"):
-                    if name[: -len("_scale_inv")] not in names:
-                        raise CheckpointError(f"{file}: {name} has no matching weight tensor")
+                target = route(file, name, names, args, known)
+                if target == "scale":
                     continue
-                try:
-                    target = hf_to_internal(name, args)
-                    if target is not None and target[0] not in params and target[0] not in fp8_slots:
-                        raise KeyError(name)
-                except KeyError:
-                    raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of this "
-                                          f"{args.model_type} config)") from None
                 try:
                     t = f.get_tensor(name)
                     scale = f.get_tensor(name + "_scale_inv") if name + "_scale_inv" in keys else None
@@ -337,6 +330,25 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
         raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
     model.inv_freq.copy_(inv_frequencies(args)[0])  # non-persistent buffer: not in the file
     return model.eval()
+
+
+def route(file: Path, name: str, names: set[str], args: ModelArgs, known) -> tuple | str | None:
+    """Where checkpoint tensor `name` (in `file`) goes: hf_to_internal's answer, or "scale" for a
+    `_scale_inv` (read with its weight). names: the tensors of this file and, through the index, of
+    the others; known: the internal names the model holds. CheckpointError for a scale without its
+    weight or a tensor that belongs to no part of this model."""
+    if name.endswith("_scale_inv"):
+        if name[: -len("_scale_inv")] not in names:
+            raise CheckpointError(f"{file}: {name} has no matching weight tensor")
+        return "scale"
+    try:
+        target = hf_to_internal(name, args)
+        if target is not None and target[0] not in known:
+            raise KeyError(name)
+    except KeyError:
+        raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of this "
+                              f"{args.model_type} config)") from None
+    return target
 
 
 def _has_layer(files: list[Path], layer: int) -> bool:

@@ -62,7 +62,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..checkpoint import (FP8_DTYPES, CheckpointError, _check_shape, default_dtype, dequantize_fp8,
-                          hf_to_internal, internal_to_hf, load, read_layout, weight_block)
+                          internal_to_hf, load, read_layout, route, weight_block)
 from ..model.args import ModelArgs
 from ..model.layers import MLP
 from ..model.mla import MLA
@@ -352,17 +352,9 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
             keys = set(f.keys())
             names = keys | set(weight_map or ())
             for name in sorted(keys):
-                if name.endswith("_scale_inv"):
-                    if name[: -len("_scale_inv")] not in names:
-                        raise CheckpointError(f"{file}: {name} has no matching weight tensor")
+                target = route(file, name, names, args, params)
+                if target == "scale":
                     continue
-                try:
-                    target = hf_to_internal(name, args)
-                    if target is not None and target[0] not in params:
-                        raise KeyError(name)
-                except KeyError:
-                    raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of this "
-                                          f"{args.model_type} config)") from None
                 if name in seen:
                     raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
                 if name not in expected:  # another rank's expert: never read
