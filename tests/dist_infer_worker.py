@@ -65,13 +65,13 @@ def main() -> int:
     torch.set_num_threads(1)
     d = init_distributed("cpu")
     for case in cfg.get("cases", []):
-        model = load_sharded(case["dir"])
+        model = load_sharded(case["dir"], dtype=case.get("dtype"))
         save_file(drive(model), str(out / f"{case['name']}.rank{d.rank}.safetensors"))
         (out / f"{case['name']}.rank{d.rank}.json").write_text(json.dumps({"resident_bytes": resident_bytes(model)}))
     messages = {}
     for case in cfg.get("bad", []):
         try:
-            load_sharded(case["dir"])
+            load_sharded(case["dir"], dtype=case.get("dtype"))
             messages[case["name"]] = None
         except CheckpointError as e:
             messages[case["name"]] = str(e)

@@ -44,7 +44,8 @@ NCCL both have them) and graph breaks under torch.compile.
 **Loading** (`load_sharded`): the model is built on the meta device, sharded, allocated at the
 local shapes, and each rank reads only the tensors and row/column slices it owns from the HF
 safetensors shards (`safe_open(...).get_slice`, memory-mapped): experts of other ranks are never
-read. FP8 tensors are dequantised slice by slice with the block scales that cover the slice. Any
+read. FP8 tensors are dequantised slice by slice with the block scales that cover the slice, or
+with dtype="fp8" kept FP8 (the slice's blocks and their scales, as stored). Any
 error on any rank (missing or mis-shaped tensor, bad shard, a layout that does not divide) stops
 every rank with the same one-line CheckpointError naming the rank and the problem: the ranks agree
 on the outcome with a collective before anyone returns, so none hangs waiting for a failed peer.
@@ -69,6 +70,7 @@ from ..model.mla import MLA
 from ..model.moe import Experts, MoE
 from ..model.rope import inv_frequencies
 from ..model.transformer import Block, Transformer
+from ..quant.inference import FP8InferenceExperts, FP8InferenceLinear, to_fp8_inference
 from .env import LayoutError
 
 
@@ -159,10 +161,11 @@ class ExpertParallelMoE(MoE):
         return all_reduce(y), routing
 
 
-class LocalExperts(Experts):
+class _LocalExperts:
     """Routed experts [first, first + n_experts) of n_total; pairs routed elsewhere contribute zero.
 
     x [N, hidden], indices/weights [N, K] (global expert ids) -> this rank's partial sum [N, hidden].
+    Mixed into the experts class it replaces (plain or FP8-resident), whose forward runs the pairs.
     """
 
     first: int
@@ -181,6 +184,14 @@ class LocalExperts(Experts):
             return torch.zeros_like(x)
         y = super().forward(x[token], local[token, slot, None], weights[token, slot, None])
         return torch.zeros_like(x).index_add_(0, token, y)
+
+
+class LocalExperts(_LocalExperts, Experts):
+    """This rank's share of `Experts` (gate_up_proj [E/N, 2*inter, hidden], down_proj [E/N, hidden, inter])."""
+
+
+class LocalFP8Experts(_LocalExperts, FP8InferenceExperts):
+    """This rank's share of FP8-resident experts (dtype="fp8": each projection [E/N, out, in] + scales)."""
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -217,13 +228,31 @@ def _shard(model: Transformer, rank: int, world: int, copy: bool) -> Transformer
     views on the meta device) and swap in the sharded modules. In place; returns `model`."""
     args = model.args
     check_shardable(args, world)
+
+    def cut(t: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
+        piece = t.narrow(dim, start, stop - start)
+        return piece.clone() if copy else piece
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             part = owned_part(name, p.shape, args, rank, world)
             if part is not None:
-                dim, start, stop = part
-                piece = p.data.narrow(dim, start, stop - start)
-                p.data = piece.clone() if copy else piece
+                p.data = cut(p.data, *part)
+        for name, module in model.named_modules():  # FP8-resident holders (dtype="fp8"): buffers, not parameters
+            if isinstance(module, FP8InferenceLinear):
+                part = owned_part(name + ".weight", module.weight_fp8.shape, args, rank, world)
+                if part is not None:
+                    dim, start, stop = part
+                    _check_block_aligned(name, part, module.weight_fp8.shape, module.block, rank)
+                    b = module.block[dim]
+                    module.weight_fp8 = cut(module.weight_fp8, *part)
+                    module.weight_fp8_scale_inv = cut(module.weight_fp8_scale_inv, dim, start // b, -(-stop // b))
+                    module.out_features, module.in_features = module.weight_fp8.shape
+            elif isinstance(module, FP8InferenceExperts):
+                start, stop = span(module.n_experts, rank, world)
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    for buf in (proj, proj + "_scale_inv"):
+                        setattr(module, buf, cut(getattr(module, buf), 0, start, stop))
     for module in model.modules():
         if isinstance(module, MLA):
             module.n_heads = args.num_attention_heads // world
@@ -233,13 +262,25 @@ def _shard(model: Transformer, rank: int, world: int, copy: bool) -> Transformer
         elif isinstance(module, MoE):
             module.__class__ = ExpertParallelMoE
             experts = module.experts
-            experts.__class__ = LocalExperts
-            experts.n_total, experts.n_experts = experts.n_experts, experts.gate_up_proj.shape[0]
+            fp8 = isinstance(experts, FP8InferenceExperts)
+            experts.__class__ = LocalFP8Experts if fp8 else LocalExperts
+            experts.n_total = experts.n_experts
+            experts.n_experts = (experts.gate_proj if fp8 else experts.gate_up_proj).shape[0]
             experts.first = rank * experts.n_experts
     start = span(args.vocab_size, rank, world)[0]
     model.embed_tokens = VocabParallelEmbedding(model.embed_tokens.weight.data, start, args.vocab_size)
     model.lm_head = VocabParallelHead(model.lm_head.weight.data, args.vocab_size)
     return model
+
+
+def _check_block_aligned(name: str, part, shape, block, rank: int) -> None:
+    """FP8-resident slices keep the checkpoint's blocks (and their scales) whole: a slice must start
+    and end on block edges (the tensor's own end excepted). DeepSeek-V3's do at 8 and 16 ranks."""
+    dim, start, stop = part
+    b = block[dim]
+    if start % b or (stop % b and stop != shape[dim]):
+        raise LayoutError(f"dtype='fp8' keeps {block[0]}x{block[1]} FP8 blocks whole, but rank {rank}'s slice "
+                          f"[{start}, {stop}) of {name} (dim {dim}) cuts one; load with a float dtype instead")
 
 
 def _rank0_only_biases(model: Transformer, rank: int) -> None:
@@ -278,7 +319,9 @@ def load_sharded(path, *, dtype: torch.dtype | None = None, device: str | torch.
 
     Needs the process group of nanoseek.parallel.env.init_distributed; without one (or with one
     rank) it is `nanoseek.checkpoint.load`. dtype None: float32 on CPU, the checkpoint's dtype on
-    GPU; device None: this rank's GPU under NCCL, else the CPU. Raises CheckpointError on every rank,
+    GPU; "fp8": the layers DeepSeek-V3 stores in FP8 stay FP8 + block scales in memory
+    (nanoseek/quant/inference.py; each rank's slices must then be whole blocks, as DeepSeek-V3's are
+    at 8 and 16 ranks); device None: this rank's GPU under NCCL, else the CPU. Raises CheckpointError on every rank,
     with the same message, when any rank fails.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -290,9 +333,6 @@ def load_sharded(path, *, dtype: torch.dtype | None = None, device: str | torch.
     device = torch.device(device)
     model, error = None, None
     try:
-        if dtype == "fp8":
-            raise CheckpointError("dtype='fp8' (FP8-resident weights) is not supported with several ranks yet; "
-                                  "load with a float dtype (FP8 checkpoints are dequantised per slice)")
         model = _load_part(Path(path), dtype, device, rank, world)
     except Exception as e:  # noqa: BLE001 - every failure must reach the agreement below, or peers hang
         error = e
@@ -324,12 +364,14 @@ def _agree(error: Exception | None, rank: int, world: int, device: torch.device)
 def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -> Transformer:
     args, files, weight_map = read_layout(path)
     check_shardable(args, world)
-    dtype = default_dtype(args, device) if dtype is None else dtype
+    fp8_resident = dtype == "fp8"
+    dtype = default_dtype(args, device) if dtype is None or fp8_resident else dtype
     block = weight_block(args)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
     full_shapes = {name: tuple(t.shape) for name, t in internal_to_hf(model)}
     full_params = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    fp8_slots = to_fp8_inference(model, dtype, block) if fp8_resident else {}
     E = args.n_routed_experts
     first, stop = span(E, rank, world)
     expected = {n for n in full_shapes if not _foreign_expert(n, args, first, stop)}
@@ -340,6 +382,7 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
             module.e_score_correction_bias.data = module.e_score_correction_bias.data.float()
     params = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
+    known = params.keys() | fp8_slots.keys()
     handles = {}
     try:
         for file in files:
@@ -352,7 +395,7 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
             keys = set(f.keys())
             names = keys | set(weight_map or ())
             for name in sorted(keys):
-                target = route(file, name, names, args, params)
+                target = route(file, name, names, args, known)
                 if target == "scale":
                     continue
                 if name in seen:
@@ -370,7 +413,14 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
                     continue
                 pname, sub = target
                 part = None if sub is not None else owned_part(pname, full_params[pname], args, rank, world)
-                t = _read(file, f, handles, weight_map, name, sl, keys, part, block)
+                holder = fp8_slots.get(pname)
+                t, scale = _read(file, f, handles, weight_map, name, sl, keys, part, block, keep_fp8=holder is not None)
+                if holder is not None:  # FP8-resident: kept as stored (quantised if the file is not FP8)
+                    try:
+                        holder.load(None if sub is None else (sub[0] - first, *sub[1:]), t, scale)
+                    except ValueError as e:
+                        raise CheckpointError(f"{file}: {name}: {e}") from None
+                    continue
                 p = params[pname]
                 with torch.no_grad():
                     if sub is None:
@@ -398,12 +448,13 @@ def _foreign_expert(name: str, args: ModelArgs, first: int, stop: int) -> bool:
     return m is not None and not first <= int(m.group(1)) < stop
 
 
-def _read(file, f, handles, weight_map, name, sl, keys, part, block) -> torch.Tensor:
-    """This rank's part (dim, start, stop) of tensor `name` (all of it for None), FP8 dequantised."""
+def _read(file, f, handles, weight_map, name, sl, keys, part, block, keep_fp8: bool):
+    """This rank's part (dim, start, stop) of tensor `name` (all of it for None) -> (tensor, None),
+    FP8 dequantised; with keep_fp8, (FP8 part, the scales of its blocks) (the part is block-aligned)."""
     try:
         fp8 = sl.get_dtype() == "F8_E4M3"
         if not fp8:
-            return _narrow(sl, part)
+            return _narrow(sl, part), None
         scale_name = name + "_scale_inv"
         if scale_name in keys:
             scale_sl = f.get_slice(scale_name)
@@ -412,7 +463,12 @@ def _read(file, f, handles, weight_map, name, sl, keys, part, block) -> torch.Te
             scale_sl = handles[weight_map[scale_name]].get_slice(scale_name)
         else:
             raise CheckpointError(f"{file}: FP8 tensor {name!r} has no {scale_name}")
-        return _dequantize_part(sl, scale_sl, part, block)
+        if keep_fp8:
+            if part is None:
+                return sl[:], scale_sl[:]
+            dim, start, stop = part
+            return _narrow(sl, part), _narrow(scale_sl, (dim, start // block[dim], -(-stop // block[dim])))
+        return _dequantize_part(sl, scale_sl, part, block), None
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
     except ValueError as e:
