@@ -46,6 +46,7 @@ BENCHES = {
     "fp8": "nanoseek.bench.fp8",
     "dsa": "nanoseek.bench.dsa",
     "parallel": "nanoseek.bench.parallel",
+    "combine": "nanoseek.bench.combine",
     "sft": "nanoseek.bench.sft",
     "grpo": "nanoseek.bench.grpo",
     "rm": "nanoseek.bench.rm",
