@@ -5,7 +5,8 @@
 
 with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set as torchrun would. For each case, loads the
 checkpoint with `load_sharded` and writes what `drive` returns plus the resident bytes
-(DIR/NAME.rankR.safetensors + .json). Each "bad" checkpoint must fail on every rank with the same
+(DIR/NAME.rankR.safetensors + .json); with "shard_model": true the full model is loaded and
+cut by `shard_model` instead. Each "bad" checkpoint must fail on every rank with the same
 message (written to DIR/bad.rankR.json); `exit_on` is then loaded the way a CLI would, so a failure
 exits 2 with one line.
 """
@@ -19,9 +20,11 @@ from pathlib import Path
 import torch
 
 from nanoseek.checkpoint import CheckpointError
+from nanoseek.checkpoint import load
+from nanoseek.inference import Engine
 from nanoseek.inference.cache import LatentCache
 from nanoseek.parallel import fail, init_distributed, shutdown
-from nanoseek.parallel.inference import load_sharded, resident_bytes
+from nanoseek.parallel.inference import load_sharded, resident_bytes, shard_model
 
 LENGTHS = [5, 9, 3]  # a mixed-length batch, right-padded to the longest
 DECODE_STEPS = 3
@@ -54,6 +57,11 @@ def drive(model) -> dict[str, torch.Tensor]:
         mtp_cache = LatentCache(args, 1, B, L + 1, dtype, "cpu")
         logits, h = model.mtp_step(1, out.hidden, ids[:, 1 : L + 1], positions, mtp_cache.layers[0], kv_len=L)
         res["mtp_step"], res["mtp_step_hidden"] = logits, h
+    # the engine itself, unchanged: greedy, MTP-speculative when the model has MTP modules
+    engine = Engine(model, max_batch_size=2, max_seq_len=32, speculative="mtp" if len(model.mtp) else None,
+                    compile=False)
+    prompts = [ids[b, :n].tolist() for b, n in enumerate(LENGTHS)]
+    res["engine_greedy"] = torch.tensor(engine.generate(prompts, max_new_tokens=6, ignore_eos=True))
     return {k: v.contiguous() for k, v in res.items()}
 
 
@@ -65,7 +73,10 @@ def main() -> int:
     torch.set_num_threads(1)
     d = init_distributed("cpu")
     for case in cfg.get("cases", []):
-        model = load_sharded(case["dir"], dtype=case.get("dtype"))
+        if case.get("shard_model"):  # the whole model loaded on every rank, then cut
+            model = shard_model(load(case["dir"]))
+        else:
+            model = load_sharded(case["dir"], dtype=case.get("dtype"))
         save_file(drive(model), str(out / f"{case['name']}.rank{d.rank}.safetensors"))
         (out / f"{case['name']}.rank{d.rank}.json").write_text(json.dumps({"resident_bytes": resident_bytes(model)}))
     messages = {}

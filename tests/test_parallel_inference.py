@@ -1,11 +1,12 @@
 """Sharded inference (nanoseek/parallel/inference.py): 2 gloo ranks give the one-process model's logits.
 
 One launch of 2 ranks (tests/dist_infer_worker.py, spawned with the environment torchrun sets, reaped
-on timeout) loads four checkpoints per rank straight from their HF-layout files and runs the engine's
-calls on each (naive prefill of a mixed-length batch into the latent cache, absorbed decode steps,
-the MTP heads, cached MTP steps); then loads broken checkpoints, which must fail on both ranks with
-one message, and exits through the CLI error path on the last one. The one-process reference is
-`nanoseek.checkpoint.load` + the same calls, in the test process.
+on timeout) loads five checkpoints per rank straight from their HF-layout files and runs the
+engine's calls on each (naive prefill of a mixed-length batch into the latent cache, absorbed
+decode steps, the MTP heads, cached MTP steps, and the Engine itself, greedy with MTP speculation);
+then loads broken checkpoints, which must fail on both ranks with one message, and exits through the
+CLI error path on the last one. The one-process reference is `nanoseek.checkpoint.load` + the same
+calls, in the test process.
 """
 
 import json
@@ -104,8 +105,9 @@ def run(tmp_path_factory):
     truncated = broken(dirs["v2"], root / "truncated", truncate=True)
     out = root / "out"
     out.mkdir()
-    cfg = {"out": str(out), "cases": [{"name": n, "dir": str(d), "dtype": "fp8" if n == "fp8res" else None}
-                                      for n, d in dirs.items()],
+    cases = [{"name": n, "dir": str(d), "dtype": "fp8" if n == "fp8res" else None} for n, d in dirs.items()]
+    cases.append({"name": "v3_shard_model", "dir": str(dirs["v3"]), "shard_model": True})
+    cfg = {"out": str(out), "cases": cases,
            "bad": [{"name": n, "dir": str(d), "dtype": "fp8" if n == "fp8_blocks" else None} for n, d in bad.items()],
            "exit_on": str(truncated)}
     procs = launch(2, [str(__import__("dist_infer_worker").__file__), json.dumps(cfg)], timeout=300)
@@ -161,6 +163,16 @@ def test_each_rank_holds_half_the_experts_and_its_share(run, name):
         assert results(out, name, rank)[1]["resident_bytes"] == want * itemsize
     assert resident_bytes(full) == (sum(t.numel() for t in state.values()) + full.inv_freq.numel()) * itemsize
     assert results(out, name, 0)[1]["resident_bytes"] < resident_bytes(full) - experts * itemsize // 2
+
+
+def test_shard_model_cuts_a_loaded_model_like_load_sharded(run):
+    # Bug caught: the two paths (slices read from files, slices cut from tensors) disagreeing on a slice.
+    _, out, _ = run
+    for rank in range(2):
+        cut, read = results(out, "v3_shard_model", rank), results(out, "v3", rank)
+        assert cut[1] == read[1]
+        for key, t in read[0].items():
+            assert torch.equal(cut[0][key], t), key
 
 
 def test_fp8_resident_ranks_keep_fp8(run):
