@@ -1,55 +1,62 @@
 #!/usr/bin/env bash
 # The DeepSeek-R1 story at tiny scale, one `nanoseek` command per stage (~30 minutes on 2 idle cores).
 #
-#   bash scripts/r1.sh                              # RUN=runs/r1 DIGITS=1 by default
-#   RUN=runs/r1b DIGITS=2 RL_STEPS=150 bash scripts/r1.sh
+#   bash scripts/r1.sh                                   # RUN=runs/r1, 2-digit sums by default
+#   RUN=runs/r1b RL_STEPS=120 K=16 bash scripts/r1.sh
 #
 # tiny base model (pre-trained on the embedded code corpus) -> cold-start SFT on a few hundred worked
-# arithmetic solutions (reasoning in <think>, answer boxed) -> eval -> GRPO with accuracy + format
-# rewards -> eval (pass@1 over k samples, cons@k, on the test split) -> rejection sampling from the RL
-# model -> distillation (SFT only) into a smaller student -> eval of the student, beside the same
-# student trained with its own cold start + GRPO (R1's finding: distillation beats the small model's
-# own RL). Plus the R1-Zero arm: GRPO straight from the base model with R1-Zero's template, reporting
-# what it learns (format rate, accuracy, length over steps: RUN/r1zero/report.md).
-# The before/after table is printed at the end (RUN/*/eval*/summary.json).
+# arithmetic solutions (column by column in <think>, answer boxed) -> eval -> GRPO with accuracy +
+# format rewards -> eval (pass@1 over K samples, cons@K, on the test split) -> rejection sampling from
+# the RL model -> distillation (SFT only) into a smaller student -> eval of the student, beside the
+# same student trained with its own cold start + GRPO (R1's finding: distillation beats the small
+# model's own RL). Plus the R1-Zero arm: GRPO straight from the base model with R1-Zero's template,
+# reporting what it learns (format rate, accuracy, length over steps: RUN/r1zero/report.md).
+# The before/after table is printed at the end (RUN/*/eval/summary.json).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 [ -d .venv ] && export PATH="$ROOT/.venv/bin:$PATH"
 RUN="${RUN:-runs/r1}"
-DIGITS="${DIGITS:-1}"            # arithmetic operands up to this many digits
-BASE_MINUTES="${BASE_MINUTES:-4}"
+DIGITS="${DIGITS:-2}"            # arithmetic operands up to this many digits
+OPS="${OPS:-+}"                  # operators (the worked solutions go column by column for +)
+BASE_STEPS="${BASE_STEPS:-200}"  # pre-training steps of 4K tokens (teacher and student bases)
+COLD_N="${COLD_N:-400}"          # worked solutions for the cold start
+SFT_EPOCHS="${SFT_EPOCHS:-8}"
 RL_STEPS="${RL_STEPS:-60}"
+ZERO_STEPS="${ZERO_STEPS:-30}"   # R1-Zero arm
+DISTILL_N="${DISTILL_N:-1200}"   # train problems the RL model answers for the student (rejection sampled)
 K="${K:-8}"                      # samples per test problem (pass@1 is their mean correctness)
 N_TEST="${N_TEST:-50}"
-COLD_N="${COLD_N:-200}"          # worked solutions for the cold start (1-digit arithmetic has ~240 train problems)
 SECONDS=0
 stage() { printf '\n=== [%4ds] %s\n' "$SECONDS" "$*"; }
-TASK=(--task arithmetic --digits "$DIGITS")
+TASK=(--task arithmetic --digits "$DIGITS" --ops "$OPS")
 EVAL=(--split test --n "$N_TEST" --k "$K" --think --max-new-tokens 96 --quiet)
+SFT=(--epochs "$SFT_EPOCHS" --lr 1e-3 --seq-len 512 --samples 0 --quiet)
 STUDENT=(--set num_hidden_layers=2 --set hidden_size=96)
-GRPO=(--n-problems "$COLD_N" --reward accuracy=1 --reward format=0.2 --steps "$RL_STEPS" --prompts-per-step 8 --num-generations 8
-      --max-completion-length 96 --temperature 1.0 --lr 1e-4 --beta 0.001 --epsilon-high 0.28 --sample-every 20 --quiet)
+GRPO=(--n-problems 2000 --reward accuracy=1 --reward format=0.2 --steps "$RL_STEPS" --prompts-per-step 8
+      --num-generations 8 --max-completion-length 96 --temperature 1.0 --lr 1e-4 --beta 0.001 --epsilon-high 0.28
+      --sample-every 20 --quiet)
 
 rm -rf "$RUN"
 stage "prepare: 3 MB of the embedded code corpus, 1K BPE";  nanoseek prepare --out "$RUN/data" --vocab-size 1024 --max-bytes 3000000
-stage "train: the tiny base model ($BASE_MINUTES min)";  nanoseek train --data "$RUN/data" --out "$RUN/base" --preset tiny --max-minutes "$BASE_MINUTES" --eval-every 0 --quiet --samples 0
+stage "train: the tiny base model ($BASE_STEPS steps)";  nanoseek train --data "$RUN/data" --out "$RUN/base" --preset tiny --steps "$BASE_STEPS" --eval-every 0 --quiet --samples 0
 stage "sample --worked: cold-start data";  nanoseek sample --worked "${TASK[@]}" --n "$COLD_N" --out "$RUN/cold.jsonl"
-stage "sft: cold start";  nanoseek sft --model "$RUN/base" --data "$RUN/cold.jsonl" --out "$RUN/sft" --epochs 6 --lr 1e-3 --seq-len 512 --quiet
+stage "sft: cold start";  nanoseek sft --model "$RUN/base" --data "$RUN/cold.jsonl" --out "$RUN/sft" "${SFT[@]}"
 stage "eval: after SFT";  nanoseek eval --model "$RUN/sft" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/sft/eval"
 stage "grpo: accuracy + format rewards";  nanoseek grpo --model "$RUN/sft" "${TASK[@]}" "${GRPO[@]}" --out "$RUN/rl"
 stage "eval: after GRPO";  nanoseek eval --model "$RUN/rl" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/rl/eval"
-stage "sample: rejection sampling from the RL model";  nanoseek sample --model "$RUN/rl" "${TASK[@]}" --n "$COLD_N" --k 4 --think --max-new-tokens 96 --max-per-prompt 1 --quiet --out "$RUN/distill.jsonl"
-stage "train: the smaller student's base";  nanoseek train --data "$RUN/data" --out "$RUN/student-base" --preset tiny "${STUDENT[@]}" --max-minutes "$BASE_MINUTES" --eval-every 0 --quiet --samples 0
-stage "sft: distillation into the student";  nanoseek sft --model "$RUN/student-base" --data "$RUN/distill.jsonl" --out "$RUN/student-distilled" --epochs 6 --lr 1e-3 --seq-len 512 --quiet
+stage "sample: rejection sampling from the RL model";  nanoseek sample --model "$RUN/rl" "${TASK[@]}" --n "$DISTILL_N" --seed 1 --k 2 --think --max-new-tokens 96 --max-per-prompt 1 --quiet --out "$RUN/distill.jsonl"
+stage "train: the smaller student's base";  nanoseek train --data "$RUN/data" --out "$RUN/student-base" --preset tiny "${STUDENT[@]}" --steps "$BASE_STEPS" --eval-every 0 --quiet --samples 0
+stage "sft: distillation into the student";  nanoseek sft --model "$RUN/student-base" --data "$RUN/distill.jsonl" --out "$RUN/student-distilled" "${SFT[@]}"
 stage "eval: distilled student";  nanoseek eval --model "$RUN/student-distilled" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/student-distilled/eval"
-stage "sft: the student's own cold start";  nanoseek sft --model "$RUN/student-base" --data "$RUN/cold.jsonl" --out "$RUN/student-sft" --epochs 6 --lr 1e-3 --seq-len 512 --quiet
+stage "sft: the student's own cold start";  nanoseek sft --model "$RUN/student-base" --data "$RUN/cold.jsonl" --out "$RUN/student-sft" "${SFT[@]}"
+stage "eval: the student after its cold start";  nanoseek eval --model "$RUN/student-sft" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/student-sft/eval"
 stage "grpo: the student's own RL";  nanoseek grpo --model "$RUN/student-sft" "${TASK[@]}" "${GRPO[@]}" --out "$RUN/student-rl"
-stage "eval: student with its own RL";  nanoseek eval --model "$RUN/student-rl" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/student-rl/eval"
-stage "grpo: R1-Zero from the base model";  nanoseek grpo --model "$RUN/base" "${TASK[@]}" --template zero --n-problems "$COLD_N" --reward accuracy=1 --reward format_zero=0.5 --steps "$RL_STEPS" --prompts-per-step 8 --num-generations 8 --max-completion-length 96 --lr 1e-4 --beta 0.001 --sample-every 20 --quiet --out "$RUN/r1zero"
-stage "results: pass@1 over $K samples x $N_TEST test problems ($((K * N_TEST)) completions each)"
-for d in sft rl student-distilled student-rl; do
-    printf '%-20s ' "$d"; grep -E '"(pass@1|cons@[0-9]+|format_rate)"' "$RUN/$d/eval/summary.json" | tr -d '\n '; echo
+stage "eval: the student after its own RL";  nanoseek eval --model "$RUN/student-rl" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/student-rl/eval"
+stage "grpo: R1-Zero from the base model";  nanoseek grpo --model "$RUN/base" "${TASK[@]}" --template zero --n-problems 2000 --reward accuracy=1 --reward format_zero=0.5 --steps "$ZERO_STEPS" --prompts-per-step 8 --num-generations 8 --max-completion-length 64 --lr 1e-4 --beta 0.001 --sample-every 10 --quiet --out "$RUN/r1zero"
+stage "results: pass@1 over $K samples x $N_TEST test problems ($((K * N_TEST)) completions each), T 0.6, top-p 0.95"
+for d in sft rl student-distilled student-sft student-rl; do
+    printf '%-20s ' "$d"; grep -E "\"(pass@1|pass@$K|cons@$K|format_rate)\"" "$RUN/$d/eval/summary.json" | tr -d '\n '; echo
 done
-grep -E '"(reward|accuracy|format)_(first|last)"' "$RUN/r1zero/summary.json" | tr -d '\n'; echo "  (R1-Zero: first -> last 10% of steps)"
+printf '%-20s ' "r1zero"; grep -E '"(reward|accuracy|format|length)_(first|last)"' "$RUN/r1zero/summary.json" | tr -d '\n '; echo "  (first -> last 10% of steps)"
 stage "done: $RUN"

@@ -82,6 +82,8 @@ def test_eval_cli_end_to_end(model_dir, tmp_path, capsys):
     (["--task", "arithmetic", "--k", "0"], "--k"),
     (["--task", "arithmetic", "--top-p", "0"], "--top-p"),
     (["--task", "missing.jsonl"], "cannot read"),
+    (["--task", "arithmetic", "--ops", "+/"], "--ops"),
+    (["--task", "arithmetic", "--digits", "1", "--n", "400"], "only 63 distinct test problems"),
 ])
 def test_eval_cli_errors_are_one_line(model_dir, flags, message, capsys):
     assert cli(["eval", "--model", str(model_dir), "--quiet", *flags]) == 2
@@ -133,3 +135,6 @@ def test_sample_real_engine_and_worked(model_dir, tmp_path):
     assert cli(["sample", "--worked", "--task", "arithmetic", "--n", "5", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all("reasoning_content" in r["messages"][1] for r in rows)
+    assert cli(["sample", "--worked", "--task", "arithmetic", "--digits", "2", "--ops", "+", "--n", "5", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(" + " in r["messages"][0]["content"] for r in rows)

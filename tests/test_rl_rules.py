@@ -27,8 +27,12 @@ def test_splits_are_disjoint_and_reproducible():
     cd_train, cd_test = countdown(200, seed=0, split="train"), countdown(50, seed=0, split="test")
     assert {(tuple(sorted(p.numbers)), p.answer) for p in cd_train}.isdisjoint(
         {(tuple(sorted(p.numbers)), p.answer) for p in cd_test})
-    with pytest.raises(ValueError, match="could not find"):
-        arithmetic(500, split="test", digits=1, ops="+")  # only 100 sums of two digits exist
+    # only 100 sums of two digits exist: a request for more than the split holds fails at once, naming the count
+    sums = {f"What is {a} + {b}?" for a in range(10) for b in range(10) if in_split(f"{a}+{b}", "test")}
+    assert {p.prompt for p in arithmetic(len(sums), split="test", digits=1, ops="+")} == sums
+    with pytest.raises(ValueError, match=f"only {len(sums)} distinct test problems, {len(sums) + 1} asked"):
+        arithmetic(len(sums) + 1, split="test", digits=1, ops="+")
+    assert {p.prompt.split()[3] for p in load_task("arithmetic", 30, split="train", digits=2, ops="+-")} == {"+", "−"}
     assert in_split("x", "train") != in_split("x", "test")
 
 

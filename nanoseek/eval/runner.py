@@ -215,6 +215,7 @@ def add_flags(p: argparse.ArgumentParser, n_default: int, split_default: str, mo
     p.add_argument("--split", default=split_default, choices=["train", "test"], help="procedural tasks' split")
     p.add_argument("--seed", type=int, default=0, help="problem and sampling seed")
     p.add_argument("--digits", type=int, default=3, help="arithmetic: largest operand digits")
+    p.add_argument("--ops", default="+-*", help="arithmetic: the operators drawn, from +-* (e.g. + for sums only)")
     p.add_argument("--template", default="chat", choices=["chat", "zero"],
                    help="chat: the model's chat template; zero: R1-Zero's plain-text template")
     p.add_argument("--think", action="store_true", help="open the reply with <think> (chat template)")
@@ -241,6 +242,8 @@ def check_flags(a) -> None:
             raise EvalError(f"{flag} must be in [{lo}, {hi}], got {value}")
     if not 0 < a.top_p <= 1:
         raise EvalError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if not a.ops or set(a.ops) - set("+-*"):
+        raise EvalError(f"--ops takes operators from '+-*', got {a.ops!r}")
     if a.task in ("arithmetic", "countdown") and a.n == 0:
         raise EvalError(f"--n must be >= 1 for the {a.task} task")
 
@@ -261,7 +264,7 @@ class Sampled:
 def run_flags(a) -> Sampled:
     """Load the model, build the task's prompts, sample a.k completions each (the eval/sample flags)."""
     model, tokenizer = load_model(a.model, a.tokenizer, a.device)
-    problems = load_task(a.task, a.n, a.seed, a.split, digits=a.digits)
+    problems = load_task(a.task, a.n, a.seed, a.split, digits=a.digits, ops=a.ops)
     texts = [p.prompt + (f"\n{a.instruction}" if a.instruction else "") for p in problems]
     prompts = [build_prompt(tokenizer, p, a.template, a.instruction, a.think) for p in problems]
     t0 = time.perf_counter()

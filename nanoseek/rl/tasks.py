@@ -3,7 +3,7 @@
     problems = arithmetic(100, seed=0, split="train", digits=3)     # "What is 482 × 37?" -> "17834"
     problems = countdown(100, seed=0, split="test", count=4)        # reach 24 with [3, 5, 2, 9]
     problems = load_problems("gsm8k_test.jsonl")                     # {"question", "answer": "... #### 42"}
-    problems = load_task("arithmetic" | "countdown" | PATH, n, seed, split)
+    problems = load_task("arithmetic" | "countdown" | PATH, n, seed, split, digits=2, ops="+")
     rows = worked_solutions(problems)                                # cold-start SFT chat rows
 
 A `Problem` is a prompt, a reference answer (a string) and the task name, which picks the
@@ -77,6 +77,11 @@ def arithmetic(n: int, seed: int = 0, split: str = "train", digits: int = 3, ops
     """n problems "What is a op b?" with a, b of 1..`digits` digits, op from `ops` (+, -, *)."""
     if digits < 1 or not ops or any(o not in OPS for o in ops):
         raise ValueError(f"arithmetic needs digits >= 1 and ops from '+-*', got digits={digits}, ops={ops!r}")
+    if 100**digits * len(ops) <= 100_000:  # small spaces (1-digit: 300 problems): count the split exactly
+        have = sum(in_split(f"{a}{op}{b}", split) for a in range(10**digits) for b in range(10**digits) for op in set(ops))
+        if n > have:
+            raise ValueError(f"arithmetic with digits={digits}, ops={ops!r} has only {have} distinct {split} "
+                             f"problems, {n} asked: ask for fewer or allow more digits")
 
     def make(rng):
         a, b = (rng.randint(0, 10 ** rng.randint(1, digits) - 1) for _ in range(2))
@@ -167,11 +172,12 @@ def load_problems(path: str | os.PathLike, task: str = "math") -> list[Problem]:
     return out
 
 
-def load_task(name: str, n: int, seed: int = 0, split: str = "test", digits: int = 3) -> list[Problem]:
-    """A task by name: "arithmetic", "countdown", or a JSONL file of problems (first n; all if n <= 0).
-    New tasks go here as one more branch."""
+def load_task(name: str, n: int, seed: int = 0, split: str = "test", digits: int = 3,
+              ops: str = "+-*") -> list[Problem]:
+    """A task by name: "arithmetic" (operands up to `digits` digits, operators from `ops`), "countdown",
+    or a JSONL file of problems (first n; all if n <= 0). New tasks go here as one more branch."""
     if name == "arithmetic":
-        return arithmetic(n, seed, split, digits=digits)
+        return arithmetic(n, seed, split, digits=digits, ops=ops)
     if name == "countdown":
         return countdown(n, seed, split)
     if name.endswith(".jsonl") or Path(name).is_file():

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-problems", type=int_in(1), default=2000, help="training problems drawn from the task (a "
                    "file: its first N)")
     g.add_argument("--digits", type=int_in(1, 9), default=3, help="arithmetic: largest operand digits")
+    g.add_argument("--ops", default="+-*", help="arithmetic: the operators drawn, from +-* (e.g. + for sums only)")
     g.add_argument("--template", default="chat", choices=["chat", "zero"],
                    help="chat: the model's chat template (with <think> opened, see --think); zero: R1-Zero's "
                         "plain-text template, for base models (SPEC §4)")
@@ -218,7 +219,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         ref = Transformer.from_pretrained(resume_from / "reference", device=device) if resume_from else \
             copy.deepcopy(policy)
         ref.requires_grad_(False).eval()
-    problems = load_task(a.task, a.n_problems, a.seed, "train", digits=a.digits)
+    if not a.ops or set(a.ops) - set("+-*"):
+        raise RunError(f"--ops takes operators from '+-*', got {a.ops!r}")
+    problems = load_task(a.task, a.n_problems, a.seed, "train", digits=a.digits, ops=a.ops)
     if not problems:
         raise DataError(f"--task {a.task}: no problems")
     has_rm = any(getattr(fn, "batched", False) for _, fn, _ in terms)

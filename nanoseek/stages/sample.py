@@ -104,7 +104,7 @@ def write_worked(a) -> int:
     """Cold-start SFT data: step-by-step solutions of arithmetic problems, no model involved."""
     if a.task != "arithmetic":
         raise EvalError("--worked writes solutions for --task arithmetic only")
-    rows = worked_solutions(load_task(a.task, a.n, a.seed, a.split, digits=a.digits))
+    rows = worked_solutions(load_task(a.task, a.n, a.seed, a.split, digits=a.digits, ops=a.ops))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(a.out, rows)
     print(f"wrote {len(rows)} worked solutions ({a.split} split, seed {a.seed}) to {a.out}")
