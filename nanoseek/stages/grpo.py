@@ -61,7 +61,8 @@ from nanoseek.rl.report import plot_grpo, sample_table, write_report
 from nanoseek.rl.rollout import Batch, completion_logps, rollout
 from nanoseek.rl.tasks import load_task
 from nanoseek.train.metrics import JsonlLog, read_jsonl
-from nanoseek.train.run import Interrupts, RunError, apply_update, claim_run_dir, explicit_flags, resume_args
+from nanoseek.train.run import (Interrupts, RunError, StepLoop, apply_update, claim_run_dir, explicit_flags,
+                               resume_args)
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
 
 FREE_ON_RESUME = {"model", "tokenizer", "out", "resume", "device", "save_every", "keep_last", "stop_at",
@@ -283,9 +284,14 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     tok_dir = a.out / "tokenizer"  # tokenizer files only: checkpoints copy every file of this directory
     tokenizer.save(tok_dir)
     bar = tqdm(total=a.steps, initial=step, unit="step", disable=a.quiet, dynamic_ncols=True)
-    bad_streak, last_saved, interrupted, last_table = 0, step if resume_from else None, None, ""
-    committed = dict(data)
-    try:
+    loop = StepLoop("grpo", a, stop, checkpoint, ckpt_root, bar, step, resume_from is not None)
+    last_table, committed = "", dict(data)
+
+    def rewind() -> None:  # a second signal: drop the step in flight (its update never started)
+        optimizer.zero_grad(set_to_none=True)
+        data.update(committed)
+
+    with loop.running(rewind):
         while step < a.steps and not stop.requested:
             # --- 1. rollouts (+ dynamic sampling) and rewards -----------------------------------------
             t0 = time.perf_counter()
@@ -380,7 +386,6 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
             with stop.critical():
                 step += 1
                 nonfinite += skipped and bool(groups)
-                bad_streak = bad_streak + 1 if skipped and groups else 0
                 committed = dict(data)
                 lengths = [len(c.tokens) for g in groups for c in g[1]]
                 texts = [(problems[g[0]], t) for g in groups for t in g[2]]
@@ -413,30 +418,11 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 last_table = sample_table(step, rows)
                 with open(a.out / "samples.md", "a") as f:
                     f.write(last_table)
-            if bad_streak >= a.max_nonfinite:
-                bar.close()
-                raise SystemExit(f"nanoseek grpo: error: {bad_streak} non-finite steps in a row at step {step}; "
-                                 f"stopping. The last good checkpoint is {latest_checkpoint(ckpt_root)}")
-            if stop.requested:
+            if loop.after_step(step, skipped and bool(groups), step >= a.steps):
                 break
-            if a.save_every and step % a.save_every == 0:
-                last_saved = step
-                checkpoint()
-            if a.stop_at is not None and step >= a.stop_at and step < a.steps:
-                interrupted = "--stop-at"
-                break
-    except KeyboardInterrupt:  # a second signal: drop the step in flight (its update never started)
-        optimizer.zero_grad(set_to_none=True)
-        data.update(committed)
-    bar.close()
-    if stop.requested:
-        interrupted = stop.requested
-    if last_saved != step:
-        checkpoint()
-    if interrupted:
-        print(f"stopped ({interrupted}) at step {step}: checkpoint {latest_checkpoint(ckpt_root)}; continue with: "
-              f"nanoseek grpo --out {a.out} --resume", file=sys.stderr if interrupted != "--stop-at" else sys.stdout)
-        return 0 if interrupted == "--stop-at" else stop.exit_code
+    code = loop.finish(step)
+    if code is not None:
+        return code
     finish(a, read_jsonl(log.path), latest_checkpoint(ckpt_root), last_table)
     return 0
 

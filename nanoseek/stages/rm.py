@@ -48,7 +48,8 @@ from nanoseek.rl.reward_model import RewardModel, bt_loss, pad_batch
 from nanoseek.stages.sft import file_sha256
 from nanoseek.train.metrics import JsonlLog, read_jsonl
 from nanoseek.train.report import plot_run, write_report
-from nanoseek.train.run import Interrupts, RunError, apply_update, claim_run_dir, explicit_flags, resume_args
+from nanoseek.train.run import (Interrupts, RunError, StepLoop, apply_update, claim_run_dir, explicit_flags,
+                               resume_args)
 from nanoseek.train.schedule import Schedule
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
 
@@ -313,8 +314,9 @@ def train_rm(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int
         print(f"step 0: held-out accuracy {acc0:.3f}")
     params = [p for _, p in named]
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=a.quiet, dynamic_ncols=True, mininterval=1.0)
-    bad_streak, train_seconds, last_saved, interrupted = 0, 0.0, step if resume_from else None, None
-    try:
+    train_seconds = 0.0
+    loop = StepLoop("rm", a, stop, checkpoint, ckpt_root, bar, step, resume_from is not None)
+    with loop.running(rewind=lambda: optimizer.zero_grad(set_to_none=True)):
         while step < total_steps and not stop.requested:
             t0 = time.perf_counter()
             batch = [pairs[i] for i in order[step * a.batch_size:(step + 1) * a.batch_size]]
@@ -334,7 +336,7 @@ def train_rm(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int
             bad = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
             with stop.critical():
                 apply_update(optimizer, lr, not bad)
-                nonfinite, bad_streak = (nonfinite + 1, bad_streak + 1) if bad else (nonfinite, 0)
+                nonfinite += bad
                 dt = time.perf_counter() - t0
                 train_seconds += dt
                 step, tokens = step + 1, tokens + n_tok
@@ -343,29 +345,12 @@ def train_rm(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int
                            "tok_per_s": n_tok / dt, "skipped": bad})
             bar.update(1)
             bar.set_postfix_str(f"loss {loss_sum:.3f} lr {lr:.2e}", refresh=False)
-            if bad_streak >= a.max_nonfinite:
-                bar.close()
-                raise RunError(f"{bad_streak} non-finite steps in a row at step {step} (lr {lr:.2e}); stopping. "
-                               f"The last good checkpoint is {latest_checkpoint(ckpt_root)}")
-            if stop.requested:
+            if loop.after_step(step, bad, step >= total_steps,
+                               lambda: bar.write(f"step {step}: held-out accuracy {run_eval()[1]:.3f}"), lr):
                 break
-            if a.eval_every and step % a.eval_every == 0 and step < total_steps:
-                bar.write(f"step {step}: held-out accuracy {run_eval()[1]:.3f}")
-            if a.save_every and step % a.save_every == 0:
-                last_saved = step
-                checkpoint()
-            if a.stop_at is not None and step >= a.stop_at and step < total_steps:
-                interrupted = "--stop-at"
-                break
-    except KeyboardInterrupt:  # a second signal: drop the step in flight, keep the last completed one
-        optimizer.zero_grad(set_to_none=True)
-    bar.close()
-    interrupted = interrupted or stop.requested
-    if last_saved != step:
-        checkpoint()
-    if interrupted:
-        print(f"stopped at step {step} ({interrupted}); continue with: nanoseek rm --out {a.out} --resume")
-        return stop.exit_code if stop.requested else 0
+    code = loop.finish(step)
+    if code is not None:
+        return code
 
     loss, acc, gap = run_eval()
     records = read_jsonl(log.path)

@@ -60,7 +60,8 @@ from nanoseek.train.balance import max_vio
 from nanoseek.train.loss import sft_evaluate, sft_loss
 from nanoseek.train.metrics import JsonlLog, read_jsonl
 from nanoseek.train.report import plot_run, write_report
-from nanoseek.train.run import Interrupts, RunError, apply_update, claim_run_dir, explicit_flags, resume_args
+from nanoseek.train.run import (Interrupts, RunError, StepLoop, apply_update, claim_run_dir, explicit_flags,
+                               resume_args)
 from nanoseek.train.sample import sample
 from nanoseek.train.schedule import Schedule
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
@@ -329,8 +330,9 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         print(f"step 0: val loss {first_val:.4f} on assistant tokens")
     params = [p for _, p in named]
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=a.quiet, dynamic_ncols=True, mininterval=1.0)
-    bad_streak, train_seconds, last_saved, interrupted = 0, 0.0, step if resume_from else None, None
-    try:
+    train_seconds = 0.0
+    loop = StepLoop("sft", a, stop, checkpoint, ckpt_root, bar, step, resume_from is not None)
+    with loop.running(rewind=lambda: optimizer.zero_grad(set_to_none=True)):
         while step < total_steps and not stop.requested:
             t0 = time.perf_counter()
             batch_rows = rows[step * a.batch_size:(step + 1) * a.batch_size]
@@ -351,7 +353,7 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
             bad = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(grad_norm))
             with stop.critical():
                 apply_update(optimizer, lr, not bad, model, counts, gamma)
-                nonfinite, bad_streak = (nonfinite + 1, bad_streak + 1) if bad else (nonfinite, 0)
+                nonfinite += bad
                 dt = time.perf_counter() - t0
                 train_seconds += dt
                 step, tokens = step + 1, tokens + len(batch_rows) * a.seq_len
@@ -366,29 +368,12 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 log.write(rec)
             bar.update(1)
             bar.set_postfix_str(f"loss {ce:.3f} lr {lr:.2e}", refresh=False)
-            if bad_streak >= a.max_nonfinite:
-                bar.close()
-                raise RunError(f"{bad_streak} non-finite steps in a row at step {step} (lr {lr:.2e}); stopping. "
-                               f"The last good checkpoint is {latest_checkpoint(ckpt_root)}")
-            if stop.requested:
+            if loop.after_step(step, bad, step >= total_steps,
+                               lambda: bar.write(f"step {step}: val loss {run_eval():.4f}"), lr):
                 break
-            if a.eval_every and step % a.eval_every == 0 and step < total_steps:
-                bar.write(f"step {step}: val loss {run_eval():.4f}")
-            if a.save_every and step % a.save_every == 0:
-                last_saved = step
-                checkpoint()
-            if a.stop_at is not None and step >= a.stop_at and step < total_steps:
-                interrupted = "--stop-at"
-                break
-    except KeyboardInterrupt:  # a second signal: drop the step in flight, keep the last completed one
-        optimizer.zero_grad(set_to_none=True)
-    bar.close()
-    interrupted = interrupted or stop.requested
-    if last_saved != step:
-        checkpoint()
-    if interrupted:
-        print(f"stopped at step {step} ({interrupted}); continue with: nanoseek sft --out {a.out} --resume")
-        return stop.exit_code if stop.requested else 0
+    code = loop.finish(step)
+    if code is not None:
+        return code
 
     # --- final evaluation, samples, report ---------------------------------------------------------------
     final = run_eval()

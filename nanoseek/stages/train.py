@@ -92,7 +92,8 @@ from nanoseek.train.dsa import IndexerLoss, freeze_all_but_indexers
 from nanoseek.train.loss import evaluate, training_loss
 from nanoseek.train.metrics import JsonlLog, flops_per_token, measure_peak_flops, read_jsonl
 from nanoseek.train.report import plot_run, write_report
-from nanoseek.train.run import Interrupts, RunError, apply_update, claim_run_dir, explicit_flags, resume_args
+from nanoseek.train.run import (Interrupts, RunError, StepLoop, apply_update, claim_run_dir, explicit_flags,
+                               resume_args)
 from nanoseek.train.sample import sample
 from nanoseek.train.schedule import Schedule
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
@@ -434,15 +435,27 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     params = [p for _, p in named]
     bar = tqdm(total=total_tokens, initial=tokens, unit="tok", unit_scale=True, disable=a.quiet or not d.is_main,
                dynamic_ncols=True, mininterval=1.0)
-    bad_streak, train_seconds, last_saved, stop_reason = 0, 0.0, step if resume_from else None, "done"
-    interrupted = None  # "--stop-at" or the signal's name
+    train_seconds = 0.0
+    loop = StepLoop("train", a, stop, checkpoint, ckpt_root, bar, step, resume_from is not None, together, t_start)
     # A minutes budget is re-planned from the throughput actually reached (evaluation included), but
     # only while the learning rate is still on its constant plateau, so the curve keeps its shape.
     time_budget = a.tokens is None and a.steps is None and resume_from is None
     replan_at = [a.max_minutes * 60 * f for f in (0.2, 0.35, 0.5, 0.65)] if time_budget else []
     t_loop, tokens_loop = time.perf_counter(), tokens
     committed = loader.state_dict()  # the data position after the last completed step
-    try:
+
+    def rewind() -> None:  # a second signal: drop the step in flight, keep the last completed one
+        optimizer.zero_grad(set_to_none=True)
+        loader.load_state_dict(committed)
+
+    def periodic_eval() -> None:  # every --eval-every steps; the throughput ceiling re-measured with it
+        nonlocal peak
+        r = run_eval()
+        peak = max(peak, d.world_size * measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
+        bar.write(f"step {step}: val loss {r['val_loss']:.4f}, {fmt_bpb(r['val_bpb'])}, "
+                  f"val MaxVio {sum(r['val_maxvio']) / max(1, len(r['val_maxvio'])):.3f}")
+
+    with loop.running(rewind):
         while tokens < total_tokens and not (stop.requested and not d.enabled):
             t0 = time.perf_counter()
             batch = sched.batch_at(tokens)
@@ -470,7 +483,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
             with stop.critical():  # the step is applied and recorded whole, or not at all
                 # no update, no bias move for a non-finite step; the batch is consumed all the same
                 apply_update(optimizer, lr, not skipped, model, counts, gamma)
-                nonfinite, bad_streak = (nonfinite + 1, bad_streak + 1) if skipped else (nonfinite, 0)
+                nonfinite += skipped
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -492,23 +505,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
             bar.update(batch * seq_len)
             bar.set_postfix_str(f"step {step} loss {ce:.3f} mfu {rec['mfu']:.1%}", refresh=False)
 
-            if bad_streak >= a.max_nonfinite:
-                bar.close()
-                raise SystemExit(f"nanoseek train: error: {bad_streak} non-finite steps in a row at step {step} "
-                                 f"(lr {lr:.2e}); stopping. The last good checkpoint is {latest_checkpoint(ckpt_root)}")
-            if together(stop.requested is not None):
-                stop.requested = stop.requested or "SIGTERM"  # another rank got the signal
-                break
-            if a.eval_every and step % a.eval_every == 0 and tokens < total_tokens:
-                r = run_eval()
-                peak = max(peak, d.world_size * measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
-                bar.write(f"step {step}: val loss {r['val_loss']:.4f}, {fmt_bpb(r['val_bpb'])}, "
-                          f"val MaxVio {sum(r['val_maxvio']) / max(1, len(r['val_maxvio'])):.3f}")
-            if a.save_every and step % a.save_every == 0:
-                last_saved = step
-                checkpoint()
-            if a.stop_at is not None and step >= a.stop_at and tokens < total_tokens:
-                interrupted = "--stop-at"
+            if loop.after_step(step, skipped, tokens >= total_tokens, periodic_eval, lr):
                 break
             if replan_at and together(time.perf_counter() - t_start >= replan_at[0]):
                 replan_at.pop(0)
@@ -520,22 +517,10 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                     total_tokens = sched.total_tokens = planned
                     bar.total = planned
                     bar.write(f"budget re-planned at {rate:,.0f} tokens/s: {planned:,} tokens")
-            if a.max_minutes is not None and together(time.perf_counter() - t_start > a.max_minutes * 60):
-                stop_reason = f"stopped at step {step}: --max-minutes {a.max_minutes} reached"
-                break
-    except KeyboardInterrupt:  # a second signal: drop the step in flight, keep the last completed one
-        optimizer.zero_grad(set_to_none=True)
-        loader.load_state_dict(committed)
-    bar.close()
-    if stop.requested:
-        interrupted = stop.requested
-    if last_saved != step:
-        checkpoint()
-    if interrupted:
-        how = f"interrupted ({interrupted})" if interrupted != "--stop-at" else "stopped (--stop-at)"
-        print(f"{how} at step {step}: checkpoint {latest_checkpoint(ckpt_root)}; continue with: "
-              f"nanoseek train --out {a.out} --resume", file=sys.stderr if interrupted != "--stop-at" else sys.stdout)
-        return 0 if interrupted == "--stop-at" else stop.exit_code
+    code = loop.finish(step)
+    if code is not None:
+        return code
+    stop_reason = loop.stop_reason
     if d.enabled and d.is_main:  # the sharded checkpoint also in the HF layout, for generate / serve / transformers
         export_hf(latest_checkpoint(ckpt_root), latest_checkpoint(ckpt_root))
 

@@ -3,12 +3,13 @@ a run directory safe to use.
 
     a = resume_args(a, saved_args, explicit_flags(parser, argv), free=FREE)  # a resumed run's settings
     with claim_run_dir(out, "train"), Interrupts() as stop:        # one writer; Ctrl-C sets a flag
-        try:
-            while ...:
+        loop = StepLoop("train", a, stop, checkpoint, ckpt_root, bar, step, resumed)
+        with loop.running(rewind):                                 # a 2nd Ctrl-C: rewind() to the last step
+            while ... and not stop.requested:
                 forward + backward                                 # a 2nd Ctrl-C abandons it
                 with stop.critical(): optimizer.step(); step += 1  # never half-applied
-                if stop.requested: break                           # -> save the last step, exit 130
-        except KeyboardInterrupt: rewind the data position to the last completed step
+                if loop.after_step(step, bad, done): break         # streak, eval, save, --stop-at, minutes
+        code = loop.finish(step)                                   # save the last step; 130 / 143 / 0 or None
 
 * **One writer per run directory.** `claim_run_dir` takes an exclusive `flock` on `OUT/.lock`, which
   the OS drops when the process ends, however it ends: a second process on the same directory
@@ -18,6 +19,10 @@ a run directory safe to use.
   flight finishes, the stage writes a checkpoint of it and exits 130 / 143 with the command that
   continues the run. A second signal abandons the step in flight (its gradients are dropped and the
   data position rewound) but never an optimizer update or a checkpoint write (`Interrupts.critical`).
+* **One end of step.** `StepLoop` is what every stage does between optimizer steps and after its
+  loop, so the stages behave alike: --max-nonfinite bad steps in a row stop the run (RunError, the
+  last good checkpoint named), evaluation and checkpoint cadences, --stop-at, --max-minutes, and the
+  epilogue that saves the last completed step and prints the command that continues the run.
 * **Resume keeps the run's settings.** Every setting comes from the saved run unless the command
   line gives it; a flag given explicitly that would change the numbers is an error naming it, and
   only the `free` flags (device, cadences, retention, time limits) may differ.
@@ -38,6 +43,7 @@ import time
 from pathlib import Path
 
 from nanoseek.train.balance import update_bias
+from nanoseek.train.state import latest_checkpoint
 
 
 class RunError(ValueError):
@@ -210,3 +216,85 @@ def apply_update(optimizer, lr: float, finite: bool, model=None, counts=None, ga
         if gamma > 0 and counts is not None and len(counts):
             update_bias(model, counts, gamma)
     optimizer.zero_grad(set_to_none=True)
+
+
+# --- the end of every step, and of the loop --------------------------------------------------------------
+class StepLoop:
+    """Between optimizer steps and after the loop, the same for every training stage.
+
+    `a` supplies the flags (`out`, `max_nonfinite`, and when the stage has them `eval_every`,
+    `save_every`, `stop_at`, `max_minutes`); `checkpoint()` saves the current step (the stage's
+    closure); `bar` is the progress bar; `step` the step the loop starts at, `resumed` whether that
+    step is already saved. Under torchrun, `together(flag) -> bool` makes every decision the same on
+    all ranks (true when any rank's flag is), so no rank leaves the loop alone; `t_start` is when
+    --max-minutes started counting.
+
+    After the loop, `interrupted` is "--stop-at" or the signal's name (None: the loop ran out or hit
+    --max-minutes) and `stop_reason` says how the run ended."""
+
+    def __init__(self, stage: str, a: argparse.Namespace, stop: Interrupts, checkpoint, ckpt_root: Path, bar,
+                 step: int, resumed: bool, together=None, t_start: float | None = None):
+        self.stage, self.a, self.stop, self.checkpoint = stage, a, stop, checkpoint
+        self.ckpt_root, self.bar = ckpt_root, bar
+        self.together = together or (lambda flag: flag)
+        self.t_start = time.perf_counter() if t_start is None else t_start
+        self.last_saved = step if resumed else None  # a resumed run's first step is on disk already
+        self.bad_streak = 0
+        self.interrupted: str | None = None
+        self.stop_reason = "done"
+
+    @contextlib.contextmanager
+    def running(self, rewind=None):
+        """Wrap the loop: a second signal (KeyboardInterrupt) abandons the step in flight; `rewind()`
+        drops its gradients and puts the data position back to the last completed step."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            if rewind is not None:
+                rewind()
+
+    def after_step(self, step: int, bad: bool, done: bool, evaluate=None, lr: float | None = None) -> bool:
+        """The bookkeeping after step `step` (just committed; `bad`: it was skipped as non-finite; `done`:
+        the budget is spent). Returns True when the loop must end here. In order: --max-nonfinite bad
+        steps in a row raise RunError (nothing saved: the last good checkpoint stays the newest); a
+        signal ends the loop; `evaluate()` every --eval-every steps and a checkpoint every
+        --save-every; --stop-at; --max-minutes (a normal end: final evaluation and report follow)."""
+        a = self.a
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        if self.bad_streak >= a.max_nonfinite:
+            self.bar.close()
+            raise RunError(f"{self.bad_streak} non-finite steps in a row at step {step}"
+                           f"{f' (lr {lr:.2e})' if lr is not None else ''}; stopping. The last good checkpoint "
+                           f"is {latest_checkpoint(self.ckpt_root)}")
+        if self.together(self.stop.requested is not None):
+            self.stop.requested = self.stop.requested or "SIGTERM"  # another rank got the signal
+            return True
+        if evaluate is not None and getattr(a, "eval_every", 0) and step % a.eval_every == 0 and not done:
+            evaluate()
+        if getattr(a, "save_every", 0) and step % a.save_every == 0:
+            self.last_saved = step
+            self.checkpoint()
+        if getattr(a, "stop_at", None) is not None and step >= a.stop_at and not done:
+            self.interrupted = "--stop-at"
+            return True
+        minutes = getattr(a, "max_minutes", None)
+        if minutes is not None and self.together(time.perf_counter() - self.t_start > minutes * 60):
+            self.stop_reason = f"stopped at step {step}: --max-minutes {minutes} reached"
+            return True
+        return False
+
+    def finish(self, step: int) -> int | None:
+        """After the loop: save the last completed step unless it is saved; for a run stopped early
+        (a signal, --stop-at) print the command that continues it and return the exit code (130 / 143;
+        0 for --stop-at); None when the run is complete."""
+        self.bar.close()
+        self.interrupted = self.stop.requested or self.interrupted
+        if self.last_saved != step:
+            self.checkpoint()
+        if not self.interrupted:
+            return None
+        signal_ = self.interrupted != "--stop-at"
+        print(f"{'interrupted (' + self.interrupted + ')' if signal_ else 'stopped (--stop-at)'} at step {step}: "
+              f"checkpoint {latest_checkpoint(self.ckpt_root)}; continue with: nanoseek {self.stage} --out "
+              f"{self.a.out} --resume", file=sys.stderr if signal_ else sys.stdout)
+        return self.stop.exit_code if signal_ else 0
