@@ -14,32 +14,24 @@ then prefills the waiting requests into the freed rows and samples their first t
 prefill logits. So each request gets exactly one token per step (more with speculative decoding)
 and new requests join between decode steps. `generate` and `stream` drive the same `step`.
 
-Design choices, with the measurements behind them (the `small` preset, 2-core CPU, fp32):
-* Decode uses the absorbed path: per step it reads kv_lora_rank + rope values per cached token
-  and never re-expands the cache. Prefill uses the naive path (expand the chunk's latents to
-  per-head K/V and run SDPA): for a 4096-token prompt it is several times cheaper than absorbed,
-  which materialises [heads, T, S] scores in the 512-dim latent space.
+Where each part lives (read in this order):
+    engine.py    this file: the scheduler (requests, cache rows, steps, events, stats, generate/stream)
+    request.py   Request, StepEvent and the checks a prompt passes before it is queued
+    prefill.py   prompts into the cache in padded groups and chunks (naive attention + SDPA)
+    decode.py    Decoder: the per-step model work (absorbed attention, compiled or eager, speculative)
+    compiled.py  when torch.compile is used, its disk cache and price, eager fallback
+    speculative.py  MTP drafting, the verification rule, speculative="auto"
+
+Design choices:
 * Running requests occupy cache rows 0..n-1; a finished request's row is refilled by moving the
   last row into it (a copy of that request's cached tokens, once). Every decode step then passes
   plain slices of the cache to the model: no gather, no copy.
-* Prompts are prefilled in padded groups of similar length and at most `prefill_chunk` tokens
-  (padding writes positions past a prompt's end, which decoding overwrites before any query can
-  see them); a prompt longer than that is prefilled alone in chunks, which bounds memory.
-* Compiled decoding (`compiled.py`) wraps the decode (and speculative verify/draft) forward in
-  torch.compile, gpt-fast style: attention then reads all max_seq_len cache rows under the position
-  mask, so the shape is static and one graph serves every step and every prompt length (the batch
-  size stays a dynamic dimension). It cuts the per-token Python and kernel-launch overhead that
-  dominates small models on CPU (tiny preset, batch 1, prompt 512: ~0.7 ms/step against ~2.2 ms
-  eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). It is used
-  while the step's tokens fit the MoE's gathered-experts path; larger batches run eagerly (fp32
-  grouped GEMMs cannot be traced on CPU, and a graph broken around them measured slower).
-  compile=None (the default) decides by itself: eager first, compiled once the eager time spent
+* compile=None (the default) decides by itself: eager first, compiled once the eager time spent
   reaches the recorded price of compiling this shape (`CompiledSteps`); `warmup()` compiles now.
 * speculative="auto" (the default for a checkpoint with MTP modules) measures both decode modes
   per batch size and speculates only while it yields more tokens per second (`AutoSpeculation`).
   Requests with an explicit seed that sample stay on plain decoding, so a seed reproduces whatever
-  the timings were. Plain steps keep each request's newest main hidden states; when speculation
-  turns on, the MTP cache rows the plain steps skipped are written first (`spec.catch_up`).
+  the timings were.
 """
 
 from __future__ import annotations
@@ -47,82 +39,17 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from . import speculative as spec
 from ..model.indexer import set_fp8_keys
-from .cache import LatentCache
-from .compiled import CompiledSteps
-from .sampling import SamplingParams, _is_int, logprobs, make_generator, probabilities, sample
+from .decode import Decoder
+from .prefill import groups, prefill_group
+from .request import Request, RequestFailed, StepEvent, check_prompt
+from .sampling import SamplingParams, logprobs, probabilities, sample
+from .speculative import AutoSpeculation
 from .text import TextStream
-
-# Prefill groups may be padded up to this factor of their real token count.
-PAD_SLACK = 1.25
-# speculative="auto": MTP cache rows a request may fall behind in plain steps before catching up.
-CATCH_UP_ROWS = 256
-
-
-@dataclass
-class StepEvent:
-    """One generated token of one request.
-
-    text: the decoded text delta (needs a tokenizer; "" while text is held back because it may
-    be the start of a stop string or half a character; stop strings and special tokens are cut
-    out). logprob: raw-model log-probability of `token_id`, and top_logprobs: [(token_id,
-    logprob), ...] best first, when the request asked for logprobs (else None).
-    finish_reason: "stop" (EOS, a stop token id or a stop string) | "length" | "error" | None while
-    running. "error": the request's forward or sampling raised inside `step()`; the request is
-    over and its slot free, token_id is -1 (no token), and `error` holds "ExceptionType: message".
-    routing (engines made with record_routing=True): LongTensor[n, moe_layers, K], the experts each
-    MoE layer chose for the inputs of the forward that produced this token: the whole prompt (n =
-    its length) for a request's first token, the previous token (n = 1) after. Concatenated over a
-    request's events: the routing of positions 0 .. prompt + new tokens - 2, what a training
-    forward over that sequence needs to replay it (nanoseek.rl.rollout).
-    """
-
-    request_id: int
-    token_id: int
-    text: str
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None
-    finished: bool
-    finish_reason: str | None
-    error: str | None = None
-    routing: torch.Tensor | None = None
-    sampling_mask: torch.Tensor | None = None  # record_sampling_mask: LongTensor of the kept token ids
-
-
-class RequestFailed(RuntimeError):
-    """`generate`/`stream`: a request ended with finish_reason "error" (the engine stays usable)."""
-
-
-class Request:
-    """One generation. `tokens` are the generated ids; the newest is not in the cache yet."""
-
-    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
-                 text: TextStream | None):
-        self.id, self.prompt, self.params = rid, prompt, params
-        self.generator = make_generator(params.seed)
-        self.stop_ids, self.text = stop_ids, text
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.hidden: torch.Tensor | None = None  # speculative: main hidden at positions pos-D-1 .. pos-1
-        self.routing: torch.Tensor | None = None  # record_routing: what the next event carries
-
-    @property
-    def pos(self) -> int:
-        """Position of the newest token = number of filled cache rows."""
-        return len(self.prompt) + len(self.tokens) - 1
-
-    def token_at(self, position: int) -> int:
-        if position < 0:
-            return 0
-        if position < len(self.prompt):
-            return self.prompt[position]
-        return self.tokens[position - len(self.prompt)]
 
 
 class Engine:
@@ -159,39 +86,47 @@ class Engine:
         self.model = model.eval()
         self.args, self.tokenizer = args, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.absorbed, self.prefill_chunk = absorbed, prefill_chunk
-        weight = model.embed_tokens.weight
-        self.dtype, self.device = weight.dtype, weight.device
+        self.prefill_chunk = prefill_chunk
         self.depth = len(model.mtp)
         if fp8_index_keys is None:  # the released model's format on GPUs; exact keys on CPU
             fp8_index_keys = model.embed_tokens.weight.device.type == "cuda"
         self.fp8_index_keys = fp8_index_keys and args.dsa
         set_fp8_keys(model, self.fp8_index_keys)
-        # + depth rows: a speculative verify writes up to `depth` positions past the last token kept
-        self.cache = LatentCache(args, args.num_hidden_layers, max_batch_size, max_seq_len + self.depth,
-                                 self.dtype, self.device, self.fp8_index_keys)
-        self.mtp_cache: LatentCache | None = None
+        self.record_routing = record_routing
+        self.record_sampling_mask = record_sampling_mask
+        if record_routing:  # routing is read off the eager forward
+            compile = False
+        if compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
+            compile = os.environ["NANOSEEK_COMPILE"] == "1"
+        mode = {True: "on", False: "off", None: "auto"}[compile]
+        # The caches and the per-step hot path (decode and verify forwards, MTP drafts).
+        self.decoder = Decoder(model, max_batch_size, max_seq_len, absorbed, mode, self.fp8_index_keys, record_routing)
+        self.device = self.decoder.device
         self.eos_ids = set(args.eos_token_ids) | ({tokenizer.eos_id} if tokenizer is not None else set())
         self.running: list[Request] = []  # index = cache row
         self.waiting: deque[Request] = deque()
         self._next_id = 0
         self.speculative: str | None = None
-        self.auto = spec.AutoSpeculation()
+        self.auto = AutoSpeculation()
         self.set_speculative(speculative)
-        # Decode and verify forwards (and the MTP drafts) are the per-step hot path; prefill is not.
-        self.record_routing = record_routing
-        self.record_sampling_mask = record_sampling_mask
-        self._routing: list | None = None  # the last decode/verify forward's Routing list (record_routing)
-        if record_routing:
-            compile = False
-        if compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
-            compile = os.environ["NANOSEEK_COMPILE"] == "1"
-        mode = {True: "on", False: "off", None: "auto"}[compile]
-        self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step,
-                                    "speculative step": self._greedy_speculative_step}, model, mode, self.device)
         self.reset_stats()
 
     # --- public state ------------------------------------------------------------------------
+    @property
+    def cache(self):
+        """The main model's LatentCache (row b = running request b)."""
+        return self.decoder.cache
+
+    @property
+    def mtp_cache(self):
+        """The MTP modules' LatentCache (None until speculative decoding is first enabled)."""
+        return self.decoder.mtp_cache
+
+    @property
+    def steps(self):
+        """The CompiledSteps of the decode hot path (compiled or eager)."""
+        return self.decoder.steps
+
     @property
     def cache_bytes_per_token(self) -> int:
         """Bytes of main-model cache per token, all layers: layers × (kv_lora_rank + rope) × dtype size.
@@ -243,9 +178,7 @@ class Engine:
         if mode is not None:
             if not self.depth:
                 raise ValueError("speculative='mtp' needs a checkpoint with MTP modules (num_nextn_predict_layers > 0)")
-            if self.mtp_cache is None:
-                self.mtp_cache = LatentCache(self.args, self.depth, self.max_batch_size, self.max_seq_len + self.depth,
-                                             self.dtype, self.device, self.fp8_index_keys)
+            self.decoder.add_mtp_cache()
         self.speculative = mode
 
     def warmup(self) -> None:
@@ -282,32 +215,7 @@ class Engine:
         return req.id
 
     def _check(self, prompt_ids, params: SamplingParams) -> list[int]:
-        """Validate a request before it touches the engine; returns the prompt as a list of ints."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        params.validate(self.args.vocab_size)
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dim() != 1:
-                raise ValueError(f"prompt token ids must be a list or 1-d integer tensor, got a "
-                                 f"{prompt_ids.dim()}-d {prompt_ids.dtype} tensor")
-            prompt_ids = prompt_ids.tolist()
-        if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
-            raise ValueError(f"prompt token ids must be a list of integers, got {type(prompt_ids).__name__}")
-        prompt = list(prompt_ids)
-        bad = next((t for t in prompt if not _is_int(t)), None)
-        if bad is not None:  # a float id is an error, never truncated
-            raise ValueError(f"prompt token ids must be integers, got {bad!r} ({type(bad).__name__})")
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token (e.g. BOS)")
-        if min(prompt) < 0 or max(prompt) >= self.args.vocab_size:
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.args.vocab_size})")
-        if len(prompt) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds "
-                             f"max_seq_len={self.max_seq_len}")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need an engine with a tokenizer (Engine(..., tokenizer=tok))")
-        return prompt
+        return check_prompt(prompt_ids, params, self.args.vocab_size, self.max_seq_len, self.tokenizer is not None)
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request at once and free its slot. Returns False if it was not active."""
@@ -332,7 +240,7 @@ class Engine:
         events: list[StepEvent] = []
         if self.running:
             n = len(self.running)
-            self.steps.just_compiled, self._catch_up_s = False, 0.0
+            self.steps.just_compiled, self.decoder.catch_up_s = False, 0.0
             t0 = time.perf_counter()
             try:
                 speculate = self._speculate_now()
@@ -342,10 +250,10 @@ class Engine:
             seconds = time.perf_counter() - t0
             if self.speculative == "auto" and not self.steps.just_compiled:
                 # catching the MTP cache up is the price of switching, not of a speculative step
-                self.auto.record(n, speculate, seconds - self._catch_up_s, len(new) / n)
+                self.auto.record(n, speculate, seconds - self.decoder.catch_up_s, len(new) / n)
             # rent for the automatic compile: eager steps that a compiled graph would have run
-            if not self.steps.active and self._graph_fits(n) and self.steps.after_eager_step(seconds):
-                self.auto = spec.AutoSpeculation()  # compiled steps cost differently: measure again
+            if not self.steps.active and self.decoder.graph_fits(n) and self.steps.after_eager_step(seconds):
+                self.auto = AutoSpeculation()  # compiled steps cost differently: measure again
             self._stats["decode_s"] += seconds
             self._stats["decode_tokens"] += len(new)
             self._stats["decode_steps"] += 1
@@ -415,57 +323,9 @@ class Engine:
             self.set_speculative(previous)
 
     # --- decoding --------------------------------------------------------------------------------
-    def _forward_eager(self, ids: torch.Tensor, positions: torch.Tensor, cache: list, kv_len: int):
-        """A decode or verify forward over cache rows 0..n-1.
-        ids, positions [n, T] -> (logits [n, T, V], hidden [n, T, hidden])."""
-        out = self.model.run(ids, positions=positions, cache=cache, kv_len=kv_len, absorbed=self.absorbed)
-        if self.record_routing:
-            self._routing = out.routing
-        return out.logits, out.hidden
-
-    def _greedy_speculative_step(self, prev, tokens, positions, newest, cache, mtp_cache, kv_len, verify_kv_len):
-        """spec.greedy_step with this engine's model and attention path (compiled as one graph)."""
-        return spec.greedy_step(self.model, prev, tokens, positions, newest, cache, mtp_cache, kv_len,
-                                verify_kv_len, self.absorbed)
-
-    def _compiled(self, tokens: int) -> bool:
-        """Use the compiled graph for a forward over `tokens` tokens? Only while the MoE layers take
-        their gathered-experts path (tokens × experts per token <= routed experts): beyond that, fp32
-        F.grouped_mm breaks the graph on CPU and the broken graph measured slower than eager."""
-        return self.steps.active and self._graph_fits(tokens)
-
-    def _graph_fits(self, tokens: int) -> bool:
-        return tokens * self.args.num_experts_per_tok <= self.args.n_routed_experts or self.dtype == torch.bfloat16
-
-    def _kv_len(self, compiled: bool, needed: int) -> int:
-        """Cache rows attention reads: just what is needed in eager mode; all of them when compiled,
-        so the compiled step has one static shape (gpt-fast style) instead of a new one per length."""
-        return self.cache.max_len if compiled else needed
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, needed: int):
-        """The decode/verify forward over cache rows 0..n-1, compiled or eager; `needed`: rows in use."""
-        compiled = self._compiled(ids.numel())
-        return self.steps.call("decode step", compiled, ids, positions, self.cache.rows(0, ids.shape[0]),
-                               self._kv_len(compiled, needed))
-
-    def _mtp_step(self, compiled: bool):
-        return lambda *args, **kwargs: self.steps.call("MTP draft step", compiled, *args, **kwargs)
-
     def _decode(self) -> list[StepEvent]:
-        reqs = self.running
-        ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
-        positions = torch.tensor([[r.pos] for r in reqs], device=self.device)
-        logits, hidden = self._forward(ids, positions, max(r.pos for r in reqs) + 1)
-        if self.record_routing:
-            for r, routing in zip(reqs, _per_row(self._routing, len(reqs))):
-                r.routing = routing
-        if self.speculative == "auto":  # keep what a later switch to speculation needs
-            for row, r in enumerate(reqs):
-                if r.hidden is not None:
-                    r.hidden = torch.cat([r.hidden, hidden[row, -1:]])
-                    if len(r.hidden) > CATCH_UP_ROWS:
-                        self._catch_up(row, r)
-        return self._sample_and_append(reqs, logits[:, -1])
+        logits = self.decoder.plain(self.running, keep_hidden=self.speculative == "auto")
+        return self._sample_and_append(self.running, logits)
 
     def _speculate_now(self) -> bool:
         """This step's mode: always / never for "mtp" / None; for "auto", the policy's choice for
@@ -478,55 +338,18 @@ class Engine:
         if not self.auto.choose(len(reqs)):
             return False
         for row, r in enumerate(reqs):
-            self._catch_up(row, r)
+            self.decoder.catch_up(row, r)
         return True
 
-    def _catch_up(self, row: int, req: Request) -> None:
-        """Write the MTP cache rows plain steps skipped; req.hidden keeps the D+1 newest states.
-        req.hidden [k, hidden] holds the main hidden states at positions pos-k .. pos-1 (clamped at 0)."""
-        extra = len(req.hidden) - (self.depth + 1)
-        if extra <= 0:
-            return
-        t0 = time.perf_counter()
-        positions = (torch.arange(req.pos - len(req.hidden), req.pos - self.depth - 1, device=self.device)
-                     .clamp(min=0)[None])
-        spec.catch_up(self.model.mtp_step, req.hidden[None, :extra], positions, req.token_at,
-                      self.mtp_cache.rows(row, row + 1), kv_len=req.pos)
-        req.hidden = req.hidden[extra:]
-        self._catch_up_s += time.perf_counter() - t0
-
     def _decode_speculative(self) -> list[StepEvent]:
-        """Draft D tokens per request with the MTP modules, verify them in one main forward."""
-        reqs, n, D = self.running, len(self.running), self.depth
-        W = D + 1
-        newest = torch.tensor([r.pos for r in reqs], device=self.device)
-        positions = spec.window(newest, D)
-        tokens = torch.tensor([[r.token_at(p) for p in range(r.pos - W, r.pos + 1)] + [0] * D for r in reqs],
-                              device=self.device)  # positions newest-W .. newest+D
-        hidden = torch.stack([r.hidden for r in reqs])
-        compiled = self._compiled(positions.numel())
-        most = max(r.pos for r in reqs)
-        if compiled and all(r.params.greedy for r in reqs):  # draft and verify in one compiled call
-            kv = self._kv_len(compiled, most)
-            drafts, logits, verify_hidden = self.steps.call(
-                "speculative step", True, hidden, tokens, positions, newest, self.cache.rows(0, n),
-                self.mtp_cache.rows(0, n), kv, kv)
-            qs = [None] * D
-        else:
-            drafts, qs = spec.draft(self._mtp_step(compiled), hidden, tokens, positions, newest,
-                                    self.mtp_cache.rows(0, n), reqs, kv_len=self._kv_len(compiled, most))
-            verify_ids = tokens[:, W:]  # newest token, then the drafts
-            verify_pos = newest[:, None] + torch.arange(D + 1, device=self.device)
-            logits, verify_hidden = self._forward(verify_ids, verify_pos, most + D + 1)
-        kept = spec.accept(logits, drafts, qs, reqs)
-        routing = _per_row(self._routing, n) if self.record_routing else [None] * n
-        both = torch.cat([hidden, verify_hidden], dim=1)  # main hidden at newest-W .. newest+D
+        """Draft D tokens per request with the MTP modules, verify them in one main forward; each
+        request gets the drafts the main model agrees with, then one token of the main model's."""
+        reqs = self.running
+        kept, logits, routing = self.decoder.speculative(reqs)
         events = []
         for i, (req, toks) in enumerate(zip(reqs, kept)):
-            a = len(toks) - 1
-            self._stats["drafted"] += D
-            self._stats["accepted"] += a
-            req.hidden = both[i, a + 1 : a + 1 + W].clone()
+            self._stats["drafted"] += self.depth
+            self._stats["accepted"] += len(toks) - 1
             lp, top = [None] * len(toks), [None] * len(toks)
             if req.params.logprobs is not None:
                 lp, top = logprobs(logits[i, : len(toks)], torch.tensor(toks, device=self.device),
@@ -570,7 +393,7 @@ class Engine:
     # --- prefill -------------------------------------------------------------------------------
     def _prefill(self, reqs: list[Request]) -> list[StepEvent]:
         events = []
-        for group in _groups(reqs, self.prefill_chunk):
+        for group in groups(reqs, self.prefill_chunk):
             row = len(self.running)
             self.running.extend(group)
             try:
@@ -589,48 +412,12 @@ class Engine:
 
     def _prefill_group(self, group: list[Request], row: int) -> torch.Tensor:
         """Write the group's prompts into cache rows row.. and return logits [g, V] at each prompt's end."""
-        g, D = len(group), self.depth
-        lens = [len(r.prompt) for r in group]
-        L = max(lens)
-        ids = torch.zeros(g, L + D + 1, dtype=torch.long)  # padded; D+1 spare for the MTP's shifted inputs
-        for b, r in enumerate(group):
-            ids[b, : lens[b]] = torch.tensor(r.prompt)
-        ids = ids.to(self.device)
-        cache = self.cache.rows(row, row + g)
+        g = len(group)
         # MTP state for speculation ("auto" skips it once speculation has lost at every batch size)
         mtp = self.speculative == "mtp" or (self.speculative == "auto" and self.auto.wants_mtp)
-        mtp_cache = self.mtp_cache.rows(row, row + g) if mtp else None
-        if mtp:  # the draft window of the first step: positions L_b-D-1 .. L_b-1
-            want = spec.window(torch.tensor(lens), D).tolist()
-            kept = [[None] * (D + 1) for _ in group]
-        last = [None] * g
-        chunks_routing = []
-        # Chunks in time only for a prompt longer than prefill_chunk: each chunk re-expands the
-        # latents cached before it, so fewer, longer chunks are cheaper.
-        chunk = max(1, self.prefill_chunk // g)
-        for s in range(0, L, chunk):
-            e = min(L, s + chunk)
-            positions = torch.arange(s, e, device=self.device).expand(g, e - s)
-            out = self.model.run(ids[:, s:e], positions=positions, cache=cache, kv_len=e, absorbed=False,
-                                 logits=False)
-            if self.record_routing:
-                chunks_routing.append(_per_row(out.routing, g))
-            for b, n in enumerate(lens):
-                if s <= n - 1 < e:
-                    last[b] = out.hidden[b, n - 1 - s]
-            if mtp:
-                spec.prefill_mtp(self.model, out.hidden, ids, s, mtp_cache)
-                for b in range(g):
-                    for j, p in enumerate(want[b]):
-                        if s <= p < e:
-                            kept[b][j] = out.hidden[b, p - s]
-        if mtp:
-            for b, r in enumerate(group):
-                r.hidden = torch.stack(kept[b])
-        if self.record_routing:
-            for b, r in enumerate(group):
-                r.routing = torch.cat([chunk[b] for chunk in chunks_routing])[: lens[b]]
-        return self.model.lm_head(torch.stack(last))
+        mtp_cache = self.decoder.mtp_cache.rows(row, row + g) if mtp else None
+        return prefill_group(self.model, group, self.cache.rows(row, row + g), mtp_cache, self.prefill_chunk,
+                             self.record_routing)
 
     def _drop_finished(self) -> None:
         for row in range(len(self.running) - 1, -1, -1):
@@ -642,32 +429,7 @@ class Engine:
         last = len(self.running) - 1
         if row != last:
             moved = self.running[last]
-            self.cache.move(last, row, moved.pos)
-            if self.mtp_cache is not None and self.speculative:
-                self.mtp_cache.move(last, row, moved.pos)
+            self.decoder.move_row(last, row, moved.pos, mtp=self.speculative is not None)
             self.running[row] = moved
         self.running.pop()
 
-
-def _per_row(routing: list, n: int) -> list[torch.Tensor]:
-    """A forward's Routing list (indices [n*T, K] per MoE layer) -> n tensors [T, layers, K] on the CPU."""
-    if not routing:
-        return [None] * n
-    indices = torch.stack([r.indices for r in routing], dim=1).cpu()  # [n*T, layers, K]
-    return list(indices.view(n, -1, *indices.shape[1:]).unbind(0))
-
-
-def _groups(reqs: list[Request], budget: int) -> list[list[Request]]:
-    """Split prompts into prefill groups of similar length (padding <= PAD_SLACK × real tokens) and
-    at most `budget` padded tokens (a longer prompt is alone in its group and chunked in time)."""
-    groups: list[list[Request]] = []
-    for r in sorted(reqs, key=lambda r: -len(r.prompt)):
-        if groups:
-            group = groups[-1]
-            real = sum(len(x.prompt) for x in group) + len(r.prompt)
-            padded = (len(group) + 1) * len(group[0].prompt)
-            if padded <= PAD_SLACK * real and padded <= budget:
-                group.append(r)
-                continue
-        groups.append([r])
-    return groups

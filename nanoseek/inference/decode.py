@@ -1,0 +1,183 @@
+"""The decode hot path: the model work of one engine step for every running request, over the
+preallocated latent cache, compiled or eager, plain or speculative.
+
+`Decoder` owns the caches and the compiled steps; the engine (engine.py) decides which requests
+run and turns what comes back into tokens and events. Row b of every cache is running request b
+(rows 0..n-1), so a step passes plain slices of the cache to the model: no gather, no copy.
+
+Design choices, with the measurements behind them (the `small` preset, 2-core CPU, fp32):
+* Decode uses the absorbed path: per step it reads kv_lora_rank + rope values per cached token
+  and never re-expands the cache.
+* Compiled decoding (`compiled.py`) wraps the decode (and speculative verify/draft) forward in
+  torch.compile, gpt-fast style: attention then reads all max_seq_len cache rows under the position
+  mask, so the shape is static and one graph serves every step and every prompt length (the batch
+  size stays a dynamic dimension). It cuts the per-token Python and kernel-launch overhead that
+  dominates small models on CPU (tiny preset, batch 1, prompt 512: ~0.7 ms/step against ~2.2 ms
+  eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). It is used
+  while the step's tokens fit the MoE's gathered-experts path; larger batches run eagerly (fp32
+  grouped GEMMs cannot be traced on CPU, and a graph broken around them measured slower).
+* A greedy speculative step (MTP draft + verify, `speculative.greedy_step`) is one compiled graph.
+  With speculative="auto", plain steps keep each request's newest main hidden states; when
+  speculation turns on, the MTP cache rows the plain steps skipped are written first (`catch_up`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import speculative as spec
+from .cache import LatentCache
+from .compiled import CompiledSteps
+from .request import Request, per_row
+
+# speculative="auto": MTP cache rows a request may fall behind in plain steps before catching up.
+CATCH_UP_ROWS = 256
+
+
+class Decoder:
+    """The model side of decoding for an engine.
+
+    cache: the main model's LatentCache [max_batch, max_len + depth, .] (a speculative verify writes
+    up to `depth` positions past the last token kept); mtp_cache: the MTP modules' (made by
+    `add_mtp_cache`); steps: the CompiledSteps holding the compiled and eager hot-path functions
+    (compile_mode "on" | "off" | "auto"); record_routing: keep the last forward's MoE routing in
+    `routing`.
+    """
+
+    def __init__(self, model, max_batch_size: int, max_len: int, absorbed: bool, compile_mode: str,
+                 fp8_index_keys: bool, record_routing: bool):
+        self.model, self.args = model, model.args
+        weight = model.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.depth = len(model.mtp)
+        self.max_batch_size, self.max_len = max_batch_size, max_len
+        self.absorbed, self.fp8_index_keys, self.record_routing = absorbed, fp8_index_keys, record_routing
+        self.cache = LatentCache(self.args, self.args.num_hidden_layers, max_batch_size, max_len + self.depth,
+                                 self.dtype, self.device, fp8_index_keys)
+        self.mtp_cache: LatentCache | None = None
+        self.routing: list | None = None  # the last decode/verify forward's Routing list (record_routing)
+        self.catch_up_s = 0.0  # seconds spent in `catch_up` since the engine reset this
+        self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step,
+                                    "speculative step": self._greedy_speculative_step}, model, compile_mode,
+                                   self.device)
+
+    def add_mtp_cache(self) -> None:
+        if self.mtp_cache is None:
+            self.mtp_cache = LatentCache(self.args, self.depth, self.max_batch_size, self.max_len + self.depth,
+                                         self.dtype, self.device, self.fp8_index_keys)
+
+    def move_row(self, src: int, dst: int, length: int, mtp: bool) -> None:
+        """Copy the first `length` cached positions of row `src` into row `dst` (and the MTP cache's)."""
+        self.cache.move(src, dst, length)
+        if mtp and self.mtp_cache is not None:
+            self.mtp_cache.move(src, dst, length)
+
+    # --- the functions CompiledSteps compiles ------------------------------------------------
+    def _forward_eager(self, ids: torch.Tensor, positions: torch.Tensor, cache: list, kv_len: int):
+        """A decode or verify forward over cache rows 0..n-1.
+        ids, positions [n, T] -> (logits [n, T, V], hidden [n, T, hidden])."""
+        out = self.model.run(ids, positions=positions, cache=cache, kv_len=kv_len, absorbed=self.absorbed)
+        if self.record_routing:
+            self.routing = out.routing
+        return out.logits, out.hidden
+
+    def _greedy_speculative_step(self, prev, tokens, positions, newest, cache, mtp_cache, kv_len, verify_kv_len):
+        """spec.greedy_step with this engine's model and attention path (compiled as one graph)."""
+        return spec.greedy_step(self.model, prev, tokens, positions, newest, cache, mtp_cache, kv_len,
+                                verify_kv_len, self.absorbed)
+
+    # --- compiled or eager -------------------------------------------------------------------
+    def graph_fits(self, tokens: int) -> bool:
+        """Would the compiled graph serve a forward over `tokens` tokens? Only while the MoE layers
+        take their gathered-experts path (tokens × experts per token <= routed experts): beyond that,
+        fp32 F.grouped_mm breaks the graph on CPU and the broken graph measured slower than eager."""
+        return tokens * self.args.num_experts_per_tok <= self.args.n_routed_experts or self.dtype == torch.bfloat16
+
+    def _compiled(self, tokens: int) -> bool:
+        return self.steps.active and self.graph_fits(tokens)
+
+    def _kv_len(self, compiled: bool, needed: int) -> int:
+        """Cache rows attention reads: just what is needed in eager mode; all of them when compiled,
+        so the compiled step has one static shape (gpt-fast style) instead of a new one per length."""
+        return self.cache.max_len if compiled else needed
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, needed: int):
+        """The decode/verify forward over cache rows 0..n-1, compiled or eager; `needed`: rows in use.
+        ids, positions [n, T] -> (logits [n, T, V], hidden [n, T, hidden])."""
+        compiled = self._compiled(ids.numel())
+        return self.steps.call("decode step", compiled, ids, positions, self.cache.rows(0, ids.shape[0]),
+                               self._kv_len(compiled, needed))
+
+    def _mtp_step(self, compiled: bool):
+        return lambda *args, **kwargs: self.steps.call("MTP draft step", compiled, *args, **kwargs)
+
+    # --- one step --------------------------------------------------------------------------
+    def plain(self, reqs: list[Request], keep_hidden: bool) -> torch.Tensor:
+        """One plain decode forward for requests in rows 0..n-1 -> logits [n, V] of their next token.
+        keep_hidden (speculative="auto"): append each request's newest main hidden state to the
+        `hidden` it keeps for a later switch to speculation."""
+        ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
+        positions = torch.tensor([[r.pos] for r in reqs], device=self.device)
+        logits, hidden = self.forward(ids, positions, max(r.pos for r in reqs) + 1)
+        if self.record_routing:
+            for r, routing in zip(reqs, per_row(self.routing, len(reqs))):
+                r.routing = routing
+        if keep_hidden:
+            for row, r in enumerate(reqs):
+                if r.hidden is not None:
+                    r.hidden = torch.cat([r.hidden, hidden[row, -1:]])
+                    if len(r.hidden) > CATCH_UP_ROWS:
+                        self.catch_up(row, r)
+        return logits[:, -1]
+
+    def catch_up(self, row: int, req: Request) -> None:
+        """Write the MTP cache rows plain steps skipped; req.hidden keeps the D+1 newest states.
+        req.hidden [k, hidden] holds the main hidden states at positions pos-k .. pos-1 (clamped at 0)."""
+        extra = len(req.hidden) - (self.depth + 1)
+        if extra <= 0:
+            return
+        t0 = time.perf_counter()
+        positions = (torch.arange(req.pos - len(req.hidden), req.pos - self.depth - 1, device=self.device)
+                     .clamp(min=0)[None])
+        spec.catch_up(self.model.mtp_step, req.hidden[None, :extra], positions, req.token_at,
+                      self.mtp_cache.rows(row, row + 1), kv_len=req.pos)
+        req.hidden = req.hidden[extra:]
+        self.catch_up_s += time.perf_counter() - t0
+
+    def speculative(self, reqs: list[Request]) -> tuple[list[list[int]], torch.Tensor, list]:
+        """Draft D tokens per request with the MTP modules, verify them in one main forward.
+
+        Returns (kept: per request its new tokens, the accepted drafts then the main model's own;
+        logits [n, D+1, V] of the main model at newest .. newest+D; routing: per request its
+        verify forward's routing [D+1, layers, K] or None). Each request's `hidden` moves on to
+        the window of its next step."""
+        n, D = len(reqs), self.depth
+        W = D + 1
+        newest = torch.tensor([r.pos for r in reqs], device=self.device)
+        positions = spec.window(newest, D)
+        tokens = torch.tensor([[r.token_at(p) for p in range(r.pos - W, r.pos + 1)] + [0] * D for r in reqs],
+                              device=self.device)  # positions newest-W .. newest+D
+        hidden = torch.stack([r.hidden for r in reqs])
+        compiled = self._compiled(positions.numel())
+        most = max(r.pos for r in reqs)
+        if compiled and all(r.params.greedy for r in reqs):  # draft and verify in one compiled call
+            kv = self._kv_len(compiled, most)
+            drafts, logits, verify_hidden = self.steps.call(
+                "speculative step", True, hidden, tokens, positions, newest, self.cache.rows(0, n),
+                self.mtp_cache.rows(0, n), kv, kv)
+            qs = [None] * D
+        else:
+            drafts, qs = spec.draft(self._mtp_step(compiled), hidden, tokens, positions, newest,
+                                    self.mtp_cache.rows(0, n), reqs, kv_len=self._kv_len(compiled, most))
+            verify_ids = tokens[:, W:]  # newest token, then the drafts
+            verify_pos = newest[:, None] + torch.arange(D + 1, device=self.device)
+            logits, verify_hidden = self.forward(verify_ids, verify_pos, most + D + 1)
+        kept = spec.accept(logits, drafts, qs, reqs)
+        routing = per_row(self.routing, n) if self.record_routing else [None] * n
+        both = torch.cat([hidden, verify_hidden], dim=1)  # main hidden at newest-W .. newest+D
+        for i, (req, toks) in enumerate(zip(reqs, kept)):
+            a = len(toks) - 1
+            req.hidden = both[i, a + 1 : a + 1 + W].clone()
+        return kept, logits, routing

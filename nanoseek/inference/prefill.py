@@ -1,0 +1,85 @@
+"""Prefill: write prompts into the latent cache and return the logits their first token is sampled from.
+
+Prompts are prefilled in padded groups of similar length and at most `prefill_chunk` tokens
+(padding writes positions past a prompt's end, which decoding overwrites before any query can see
+them); a prompt longer than that is prefilled alone in chunks, which bounds memory. Prefill uses
+the naive attention path (expand the chunk's latents to per-head K/V and run SDPA): for a
+4096-token prompt it is several times cheaper than the absorbed path, which materialises
+[heads, T, S] scores in the 512-dim latent space.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import speculative as spec
+from .request import Request, per_row
+
+# Prefill groups may be padded up to this factor of their real token count.
+PAD_SLACK = 1.25
+
+
+def groups(reqs: list[Request], budget: int) -> list[list[Request]]:
+    """Split prompts into prefill groups of similar length (padding <= PAD_SLACK × real tokens) and
+    at most `budget` padded tokens (a longer prompt is alone in its group and chunked in time)."""
+    out: list[list[Request]] = []
+    for r in sorted(reqs, key=lambda r: -len(r.prompt)):
+        if out:
+            group = out[-1]
+            real = sum(len(x.prompt) for x in group) + len(r.prompt)
+            padded = (len(group) + 1) * len(group[0].prompt)
+            if padded <= PAD_SLACK * real and padded <= budget:
+                group.append(r)
+                continue
+        out.append([r])
+    return out
+
+
+def prefill_group(model, group: list[Request], cache: list, mtp_cache: list | None, prefill_chunk: int,
+                  record_routing: bool = False) -> torch.Tensor:
+    """Write the group's prompts into `cache` (one [g, S, .] view per layer, row b = group[b]) and
+    return logits [g, V] at each prompt's end.
+
+    mtp_cache (speculative decoding; one view per MTP depth, or None): also fill the MTP caches and
+    leave in each request's `hidden` the main hidden states of its first draft window
+    (positions L-D-1 .. L-1). record_routing: each request's `routing` gets its prompt's MoE routing.
+    """
+    g, D = len(group), len(model.mtp)
+    device = model.embed_tokens.weight.device
+    lens = [len(r.prompt) for r in group]
+    L = max(lens)
+    ids = torch.zeros(g, L + D + 1, dtype=torch.long)  # padded; D+1 spare for the MTP's shifted inputs
+    for b, r in enumerate(group):
+        ids[b, : lens[b]] = torch.tensor(r.prompt)
+    ids = ids.to(device)
+    mtp = mtp_cache is not None
+    if mtp:  # the draft window of the first step: positions L_b-D-1 .. L_b-1
+        want = spec.window(torch.tensor(lens), D).tolist()
+        kept = [[None] * (D + 1) for _ in group]
+    last = [None] * g
+    chunks_routing = []
+    # Chunks in time only for a prompt longer than prefill_chunk: each chunk re-expands the
+    # latents cached before it, so fewer, longer chunks are cheaper.
+    chunk = max(1, prefill_chunk // g)
+    for s in range(0, L, chunk):
+        e = min(L, s + chunk)
+        positions = torch.arange(s, e, device=device).expand(g, e - s)
+        out = model.run(ids[:, s:e], positions=positions, cache=cache, kv_len=e, absorbed=False, logits=False)
+        if record_routing:
+            chunks_routing.append(per_row(out.routing, g))
+        for b, n in enumerate(lens):
+            if s <= n - 1 < e:
+                last[b] = out.hidden[b, n - 1 - s]
+        if mtp:
+            spec.prefill_mtp(model, out.hidden, ids, s, mtp_cache)
+            for b in range(g):
+                for j, p in enumerate(want[b]):
+                    if s <= p < e:
+                        kept[b][j] = out.hidden[b, p - s]
+    if mtp:
+        for b, r in enumerate(group):
+            r.hidden = torch.stack(kept[b])
+    if record_routing:
+        for b, r in enumerate(group):
+            r.routing = torch.cat([chunk[b] for chunk in chunks_routing])[: lens[b]]
+    return model.lm_head(torch.stack(last))
