@@ -328,15 +328,14 @@ def load_sharded(path, *, dtype: torch.dtype | None = None, device: str | torch.
         return load(path, dtype=dtype, device=device or "cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
     nccl = dist.get_backend() == "nccl"
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    device = torch.device(device)
+    comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")  # where collectives run
+    device = comm if device is None else torch.device(device)
     model, error = None, None
     try:
         model = _load_part(Path(path), dtype, device, rank, world)
     except Exception as e:  # noqa: BLE001 - every failure must reach the agreement below, or peers hang
         error = e
-    message = _agree(error, rank, world, device if nccl else torch.device("cpu"))
+    message = _agree(error, rank, world, comm)
     if message is not None:
         if error is not None and not isinstance(error, (CheckpointError, ValueError, OSError)):
             raise error  # a bug on this rank: keep its traceback (the peers got the one line)
