@@ -382,15 +382,12 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
     params = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
     known = params.keys() | fp8_slots.keys()
-    handles = {}
-    try:
-        for file in files:
-            try:
-                handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
-        for file in files:
-            f = handles[file]
+    for file in files:  # one file mapped at a time: its pages leave this rank's memory when it closes
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+        with handle as f:
             keys = set(f.keys())
             names = keys | set(weight_map or ())
             for name in sorted(keys):
@@ -413,7 +410,7 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
                 pname, sub = target
                 part = None if sub is not None else owned_part(pname, full_params[pname], args, rank, world)
                 holder = fp8_slots.get(pname)
-                t, scale = _read(file, f, handles, weight_map, name, sl, keys, part, block, keep_fp8=holder is not None)
+                t, scale = _read(file, f, weight_map, name, sl, keys, part, block, keep_fp8=holder is not None)
                 if holder is not None:  # FP8-resident: kept as stored (quantised if the file is not FP8)
                     try:
                         holder.load(None if sub is None else (sub[0] - first, *sub[1:]), t, scale)
@@ -428,8 +425,6 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
                         expert, start, stop_row = sub
                         dst = p[expert - first, start:stop_row] if stop_row is not None else p[expert - first]
                         dst.copy_(t.to(p.dtype))
-    finally:
-        handles.clear()
     missing = sorted(expected - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -447,7 +442,7 @@ def _foreign_expert(name: str, args: ModelArgs, first: int, stop: int) -> bool:
     return m is not None and not first <= int(m.group(1)) < stop
 
 
-def _read(file, f, handles, weight_map, name, sl, keys, part, block, keep_fp8: bool):
+def _read(file, f, weight_map, name, sl, keys, part, block, keep_fp8: bool):
     """This rank's part (dim, start, stop) of tensor `name` (all of it for None) -> (tensor, None),
     FP8 dequantised; with keep_fp8, (FP8 part, the scales of its blocks) (the part is block-aligned)."""
     try:
@@ -455,19 +450,22 @@ def _read(file, f, handles, weight_map, name, sl, keys, part, block, keep_fp8: b
         if not fp8:
             return _narrow(sl, part), None
         scale_name = name + "_scale_inv"
-        if scale_name in keys:
-            scale_sl = f.get_slice(scale_name)
-        elif scale_name in (weight_map or {}):
-            # Real checkpoints are sharded by size: a scale can sit in another shard than its weight.
-            scale_sl = handles[weight_map[scale_name]].get_slice(scale_name)
-        else:
+
+        def scales(rows) -> torch.Tensor:  # rows: (dim, first block, stop block) of the scale grid, or None
+            if scale_name in keys:
+                return _narrow(f.get_slice(scale_name), rows)
+            if scale_name in (weight_map or {}):
+                # Real checkpoints are sharded by size: a scale can sit in another shard than its weight.
+                with safe_open(str(weight_map[scale_name]), framework="pt", device="cpu") as other:
+                    return _narrow(other.get_slice(scale_name), rows)
             raise CheckpointError(f"{file}: FP8 tensor {name!r} has no {scale_name}")
+
         if keep_fp8:
             if part is None:
-                return sl[:], scale_sl[:]
+                return sl[:], scales(None)
             dim, start, stop = part
-            return _narrow(sl, part), _narrow(scale_sl, (dim, start // block[dim], -(-stop // block[dim])))
-        return _dequantize_part(sl, scale_sl, part, block), None
+            return _narrow(sl, part), scales((dim, start // block[dim], -(-stop // block[dim])))
+        return _dequantize_part(sl, scales, part, block), None
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
     except ValueError as e:
@@ -481,16 +479,16 @@ def _narrow(sl, part) -> torch.Tensor:
     return sl[start:stop] if dim == 0 else sl[:, start:stop]
 
 
-def _dequantize_part(sl, scale_sl, part, block) -> torch.Tensor:
+def _dequantize_part(sl, scales, part, block) -> torch.Tensor:
     """Dequantise rows/columns [start, stop) of an FP8 weight: read the block-aligned range that
     covers them with its scales (at most one partial block more at each end), then cut."""
     if part is None:
-        return dequantize_fp8(sl[:], scale_sl[:], block)
+        return dequantize_fp8(sl[:], scales(None), block)
     dim, start, stop = part
     size, b = sl.get_shape()[dim], block[dim]
     lo, hi = start // b * b, min(-(-stop // b) * b, size)
     q = _narrow(sl, (dim, lo, hi))
-    s = _narrow(scale_sl, (dim, lo // b, -(-hi // b)))
+    s = scales((dim, lo // b, -(-hi // b)))
     if q.dtype not in FP8_DTYPES:
         raise ValueError(f"dtype {q.dtype} is not FP8")
     return dequantize_fp8(q, s, block).narrow(dim, start - lo, stop - start)
