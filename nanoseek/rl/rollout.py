@@ -1,7 +1,7 @@
 """Rollouts for GRPO on the inference engine, and the policy's log-probs of them in a training forward.
 
-    engine = Engine(model, max_batch_size=64, max_seq_len=L, record_routing=keep_routing, compile=False)
-    groups = rollout(engine, prompts, G=8, max_new_tokens=64, temperature=1.0, seed=step)
+    engine = Engine(model, max_batch_size=64, max_seq_len=L, record_routing=keep_routing)   # no tokenizer
+    groups = rollout(engine, prompts, G=8, max_new_tokens=64, temperature=1.0, seed=step, eos_ids=[tok.eos_id])
     batch = Batch.of([c for g in groups for c in g], routing=keep_routing)   # padded tensors
     logp = completion_logps(model, batch)                                    # [N, T] with grad
 
@@ -11,6 +11,10 @@ Design choices:
   through one engine with continuous batching: a finished completion frees its row for the next
   request at once. Request j of prompt i is seeded seed + i·G + j, so a step's rollouts do not
   depend on the batch size or on timing (and --resume redraws them exactly).
+* **No tokenizer in the rollout engine**: rewards read the decoded completions once, at the end;
+  an engine with a tokenizer would detokenise every token as it is sampled (text deltas and stop
+  strings, which rollouts do not use): ~10-20% of a tiny model's rollout. The tokenizer's EOS id
+  goes in as a stop token id instead (`eos_ids`).
 * **Log-probs recorded at sampling** (`Completion.logprobs`, the engine's raw-model log-probs of
   the sampled tokens) are kept for diagnostics: the training forward recomputes the policy's
   log-probs (as TRL does), and their gap to the recorded ones measures how far the inference
@@ -56,8 +60,12 @@ class Completion:
 
 
 def rollout(engine: Engine, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float = 1.0,
-            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, top_k: int = 0) -> list[list[Completion]]:
-    """G completions of every prompt -> groups[i][j] (continuous batching; see the module docstring)."""
+            top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False, top_k: int = 0,
+            eos_ids: list[int] = ()) -> list[list[Completion]]:
+    """G completions of every prompt -> groups[i][j] (continuous batching; see the module docstring).
+    eos_ids: ids that end a completion besides the engine's own EOS ids (e.g. the tokenizer's, for an
+    engine made without one); ignored with ignore_eos."""
+    stop = [] if ignore_eos else list(eos_ids)
     queue = [(i, j) for i in range(len(prompts)) for j in range(G)]
     queue.reverse()
     groups: list[list[Completion | None]] = [[None] * G for _ in prompts]
@@ -67,7 +75,8 @@ def rollout(engine: Engine, prompts: list[list[int]], G: int, max_new_tokens: in
             while queue and engine.free_slots > 0:
                 i, j = queue.pop()
                 params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        top_k=top_k, seed=seed + i * G + j, ignore_eos=ignore_eos, logprobs=0)
+                                        top_k=top_k, seed=seed + i * G + j, ignore_eos=ignore_eos, logprobs=0,
+                                        stop_token_ids=stop)
                 live[engine.add_request(prompts[i], params)] = (i, j, [], [], [], [])
             for ev in engine.step():
                 i, j, tokens, logps, routing, kept = live[ev.request_id]

@@ -238,7 +238,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                        f"{a.max_completion_length} exceeds the model's context {policy.args.max_position_embeddings}")
     speculative = None if a.speculative == "none" else a.speculative
     engine = Engine(policy, max_batch_size=min(a.rollout_batch, a.prompts_per_step * a.num_generations),
-                    max_seq_len=max_len, tokenizer=tokenizer, speculative=speculative, compile=False,
+                    max_seq_len=max_len, speculative=speculative, compile=False,
                     record_routing=a.keep_routing, record_sampling_mask=a.keep_sampling_mask)
     accuracy = R.accuracy_for(problems[0].task) if problems[0].task != "code" else None
 
@@ -246,7 +246,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     for name, p in policy.named_parameters():
         (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(a.beta1, a.beta2))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(a.beta1, a.beta2),
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all tensors: ~8x faster
     log = JsonlLog(a.out / "metrics.jsonl")
     if resume_from is not None:
         state = load_trainer_state(resume_from, policy, optimizer)
@@ -302,7 +303,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                 policy.eval()
                 outs = rollout(engine, [prompts[i] for i in idx], a.num_generations, a.max_completion_length,
                                a.temperature, a.top_p, seed=a.seed * 2**32 + data["requests"],
-                               ignore_eos=a.ignore_eos, top_k=a.top_k)
+                               ignore_eos=a.ignore_eos, top_k=a.top_k, eos_ids=[tokenizer.eos_id])
                 data["requests"] += want * a.num_generations
                 drawn_groups += want
                 for i, group in zip(idx, outs):
