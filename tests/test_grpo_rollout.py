@@ -72,3 +72,25 @@ def test_training_logps_carry_gradient_to_the_policy():
     logp = completion_logps(m, Batch.of(comps))
     logp.sum().backward()
     assert m.lm_head.weight.grad is not None and m.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_shared_prompt_prefill_equals_separate_prefills(speculative, monkeypatch):
+    """The G samples of a prompt share one prefill (its cache rows, MTP state and routing copied):
+    the same tokens, log-probs and routing as prefilling every request on its own."""
+    m = model()
+
+    def run(batch):
+        engine = Engine(m, max_batch_size=batch, max_seq_len=32, speculative=speculative, record_routing=True)
+        rows = []
+        prefill = engine._prefill_group
+        monkeypatch.setattr(engine, "_prefill_group", lambda group, row: rows.append(len(group)) or prefill(group, row))
+        return [c for g in rollout(engine, PROMPTS, G=3, max_new_tokens=8, seed=5) for c in g], rows
+
+    alone, rows_alone = run(1)
+    shared, rows_shared = run(9)
+    assert sum(rows_alone) == 9 and sum(rows_shared) == 3  # 3 distinct prompts computed once each
+    assert [c.tokens for c in shared] == [c.tokens for c in alone]
+    for a, b in zip(alone, shared):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        assert torch.equal(a.routing, b.routing)

@@ -397,11 +397,34 @@ class Engine:
             row = len(self.running)
             self.running.extend(group)
             try:
-                logits = self._prefill_group(group, row)
+                logits = self._prefill_shared(group, row)
                 events += self._sample_and_append(group, logits)
             except Exception as e:
                 events += self._fail(group, e)
         return events
+
+    def _prefill_shared(self, group: list[Request], row: int) -> torch.Tensor:
+        """`_prefill_group` computing each distinct prompt once: requests with the same prompt (GRPO's
+        G samples of a question, a server's n > 1) get copies of its cache rows (and MTP state and
+        routing). Reorders `group` in place (and its rows): distinct prompts first, then the copies.
+        Returns logits [g, V] in the new order."""
+        first: dict[tuple, int] = {}
+        source = [first.setdefault(tuple(r.prompt), b) for b, r in enumerate(group)]
+        if len(first) == len(group):
+            return self._prefill_group(group, row)
+        unique = [r for b, r in enumerate(group) if source[b] == b]
+        where = {b: k for k, b in enumerate(first.values())}  # group index -> row among the unique
+        copies = [(r, where[source[b]]) for b, r in enumerate(group) if source[b] != b]
+        group[:] = unique + [r for r, _ in copies]
+        self.running[row : row + len(group)] = group
+        logits = self._prefill_group(unique, row)
+        for k, (r, s) in enumerate(copies):
+            src = unique[s]
+            # speculative state too: the MTP cache rows and the first draft window
+            self.decoder.move_row(row + s, row + len(unique) + k, len(r.prompt), mtp=src.hidden is not None)
+            r.hidden = None if src.hidden is None else src.hidden.clone()
+            r.routing = src.routing
+        return logits[list(range(len(unique))) + [s for _, s in copies]]
 
     def _fail(self, reqs: list[Request], error: Exception) -> list[StepEvent]:
         """End `reqs` with finish_reason "error" (their rows are freed like finished ones)."""

@@ -2,7 +2,9 @@
 
 Prompts are prefilled in padded groups of similar length and at most `prefill_chunk` tokens
 (padding writes positions past a prompt's end, which decoding overwrites before any query can see
-them); a prompt longer than that is prefilled alone in chunks, which bounds memory. Prefill uses
+them); a prompt longer than that is prefilled alone in chunks, which bounds memory. A prompt that
+several requests of a group share (GRPO's G samples of a question) is computed once and its cache
+rows copied (`Engine._prefill_shared`): 8 prompts x 8 samples prefill 8 rows, not 64. Prefill uses
 the naive attention path (expand the chunk's latents to per-head K/V and run SDPA): for a
 4096-token prompt it is several times cheaper than the absorbed path, which materialises
 [heads, T, S] scores in the 512-dim latent space.
@@ -21,11 +23,15 @@ PAD_SLACK = 1.25
 
 def groups(reqs: list[Request], budget: int) -> list[list[Request]]:
     """Split prompts into prefill groups of similar length (padding <= PAD_SLACK × real tokens) and
-    at most `budget` padded tokens (a longer prompt is alone in its group and chunked in time)."""
+    at most `budget` padded tokens (a longer prompt is alone in its group and chunked in time).
+    Requests with the same prompt are adjacent and share a group: the engine prefills it once for all."""
     out: list[list[Request]] = []
-    for r in sorted(reqs, key=lambda r: -len(r.prompt)):
+    for r in sorted(reqs, key=lambda r: (-len(r.prompt), r.prompt)):
         if out:
             group = out[-1]
+            if group[-1].prompt == r.prompt:
+                group.append(r)
+                continue
             real = sum(len(x.prompt) for x in group) + len(r.prompt)
             padded = (len(group) + 1) * len(group[0].prompt)
             if padded <= PAD_SLACK * real and padded <= budget:
