@@ -12,6 +12,16 @@ per generation batch, and the task's accuracy reward. Rounds alternate between t
 busy machine slows both alike; a side's figure is its best step over the rounds (the range is
 printed too). The split: generation (nanoseek: the engine's rollouts; TRL: `_generate`) and the
 rest of the step (rewards, reference and policy forwards, backward, AdamW).
+
+What each side computes per step (P·G = N completions of C tokens): sampling with temperature 1 from
+the full distribution, one token per completion per decode step (KV/latent cache; TRL: a
+DynamicCache over the left-padded batch, nanoseek: continuous batching, each distinct prompt
+prefilled once, the sampled tokens' log-probs recorded); the accuracy reward of the N decoded texts
+(nanoseek counts it in generation, TRL in the update); a no-grad reference forward and a policy
+forward + backward over the N prompt+completion rows with the head applied at completion positions
+only (TRL also computes each token's entropy, which it logs); old log-probs = the detached current
+ones (μ 1: ratio exactly 1 on both sides); the k3 KL term; gradient clipping at 1; one AdamW step
+(fused on both: transformers' default optimizer with torch >= 2.8).
 """
 
 from __future__ import annotations
