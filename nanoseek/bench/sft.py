@@ -34,45 +34,31 @@ sequences in flight). Completions/s and generated tokens/s, best of --rounds, ta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from nanoseek.bench import vs_trl
 from nanoseek.bench.decode import cpu_pressure
 from nanoseek.data import train_bpe
 from nanoseek.data.chat import encode_chat
-from nanoseek.model import PRESETS, Transformer, preset
+from nanoseek.model import Transformer, preset
 from nanoseek.model.args import parse_overrides
 from nanoseek.rl.tasks import arithmetic, worked_solutions
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="nanoseek bench sft", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--conversations", type=int, default=256, help="training conversations")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="packed rows per optimizer step")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
-    p.add_argument("--rounds", type=int, default=3, help="runs per peer, taking turns; the best counts")
     p.add_argument("--eval-problems", type=int, default=16, help="prompts for the evaluation throughput (0: skip)")
     p.add_argument("--eval-tokens", type=int, default=64, help="new tokens per completion at most")
     p.add_argument("--eval-batch", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    p.add_argument("--out", type=Path, help="append the results as one JSON line here")
-    a = p.parse_args(argv)
-    for name in ("conversations", "seq_len", "batch_size", "steps", "rounds", "eval_tokens", "eval_batch"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= a.warmup < a.steps:
-        p.error("--warmup must be in [0, --steps)")
-    return a
+    return vs_trl.parse_args(p, argv, ("conversations", "seq_len", "batch_size", "eval_tokens", "eval_batch"))
 
 
 def setup(a, root: Path):
@@ -94,53 +80,34 @@ def setup(a, root: Path):
 def nanoseek_run(a, root: Path, mtp: bool):
     """One `nanoseek sft` run of --steps steps; returns (conversation tokens/s, steps timed)."""
     from nanoseek.stages import sft as sft_stage
-    from nanoseek.train.metrics import read_jsonl
 
     out = Path(tempfile.mkdtemp(dir=root, prefix="ns-"))
     flags = ["--model", root / "model", "--data", root / "chat.jsonl", "--out", out, "--seq-len", a.seq_len,
              "--batch-size", a.batch_size, "--tokens", (a.steps + 1) * a.batch_size * a.seq_len, "--stop-at", a.steps, "--lr", "1e-3", "--warmup",
              "0.03", "--eval-every", "0", "--samples", "0", "--quiet", "--val-fraction", "0.02"]
     flags += [] if mtp else ["--mtp-lambda", "0", "--freeze-bias"]
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        code = sft_stage.main([str(f) for f in flags])
-    if code != 0:
-        raise SystemExit(f"nanoseek bench sft: the nanoseek run failed (exit {code})")
-    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"][a.warmup:]
+    steps = vs_trl.run_stage(sft_stage.main, flags, a.warmup, "sft")
     return sum(r["data_tokens"] for r in steps) / sum(r["step_s"] for r in steps)
 
 
 def trl_run(a, root: Path, tok, convs):
     """One TRL SFTTrainer run of --steps steps on the same ids and masks; conversation tokens/s."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32, attn_implementation="sdpa")
     hf_tok = PreTrainedTokenizerFast.from_pretrained(root / "tok")
     data = Dataset.from_dict({"input_ids": [ids for ids, _ in convs],
                               "assistant_masks": [[int(m) for m in mask] for _, mask in convs]})
-    times, tokens = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-
-    hook = model.register_forward_pre_hook(lambda m, args, kw: tokens.append(kw["input_ids"].numel()),
-                                           with_kwargs=True)
     config = SFTConfig(output_dir=str(Path(tempfile.mkdtemp(dir=root, prefix="trl-"))), max_steps=a.steps,
                        per_device_train_batch_size=a.batch_size, max_length=a.seq_len, packing=True,
                        packing_strategy="bfd", learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.03,
                        weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused",
                        use_cpu=True, bf16=False, fp16=False, save_strategy="no", report_to=[], logging_steps=10**6,
                        disable_tqdm=True, dataloader_num_workers=0, seed=0, dataset_num_proc=None)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=hf_tok, callbacks=[Clock()])
-    trainer.train()
-    hook.remove()
-    w = a.warmup
-    return sum(tokens[w:len(times)]) / sum(times[w:])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=hf_tok)
+    return vs_trl.trl_tokens_per_s(trainer, model, lambda kw: kw["input_ids"].numel(), a.warmup)
 
 
 def check_trl_packing(root: Path) -> float:
@@ -207,9 +174,7 @@ def print_sft(a, sft: dict, convs, model, transformers) -> float:
           f"({a.warmup} untimed), fp32, {torch.get_num_threads()} threads, best of {a.rounds} runs taking turns; "
           f"transformers {transformers.__version__}, trl {__import__('trl').__version__}; "
           f"cpu pressure {cpu_pressure()}")
-    print(f"{'':<30}{'tokens/s (best)':>16}{'range':>22}")
-    for name, xs in sft.items():
-        print(f"{name:<30}{max(xs):>16,.0f}{f'{min(xs):,.0f} - {max(xs):,.0f}':>22}")
+    vs_trl.print_table(sft, "tokens/s (best)")
     ratio = max(sft["nanoseek"]) / max(sft["TRL SFTTrainer"])
     print(f"nanoseek / TRL: {ratio:.2f}x")
     return ratio
@@ -217,16 +182,7 @@ def print_sft(a, sft: dict, convs, model, transformers) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
-        import trl  # noqa: F401  (the peer: pip install trl)
-    except ImportError:
-        raise SystemExit("nanoseek bench sft: needs TRL (pip install trl), a bench-only dependency") from None
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    transformers = vs_trl.peer_setup(a, "sft")
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
         root = Path(tmp)
         tok, model, convs = setup(a, root)
@@ -237,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {"nanoseek": lambda: nanoseek_run(a, root, mtp=False),
                 "TRL SFTTrainer": lambda: trl_run(a, root, tok, convs),
                 "nanoseek (MTP λ 0.1, bias γ)": lambda: nanoseek_run(a, root, mtp=True)}
-        sft = {name: [] for name in runs}
-        for _ in range(a.rounds):
-            for name, run in runs.items():
-                sft[name].append(run())
+        sft = vs_trl.take_turns(runs, a.rounds)
         ratio = print_sft(a, sft, convs, model, transformers)
         evals = {}
         if a.eval_problems:

@@ -21,6 +21,10 @@ no longer than that, so short contexts are exactly dense MLA). Its key is cached
 in the same row: [norm(c_KV) ; k_R ; indexer key]. Training/prefill apply the selection as a mask;
 cached absorbed attention (decoding) gathers only the selected rows, so a decode step's attention
 work grows with index_topk, not with the context.
+
+Padding-free packing (`Spans`): documents laid end to end in one row attend causally within
+themselves, one attention call per document: O(Σ len²) work and no T×T mask (a dense document mask
+drops SDPA onto its slow masked path and pays for every cross-document pair it masks).
 """
 
 from __future__ import annotations
@@ -33,6 +37,23 @@ from .args import ModelArgs
 from .indexer import Indexer
 from .layers import RMSNorm
 from .rope import apply_rope
+
+
+class Spans:
+    """Documents packed end to end in one row [1, T]: `lengths` of each, in order. As MLA's `mask`:
+    each document attends causally to itself only (the naive path calls attention per document)."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = [int(n) for n in lengths]
+        ends = torch.tensor(self.lengths).cumsum(0)
+        self.bounds = list(zip((ends - ends.new_tensor(self.lengths)).tolist(), ends.tolist()))
+
+    def dense(self, device) -> torch.Tensor:
+        """The same rule as a bool mask [1, T, T] (for the paths that need one: absorbed, DSA)."""
+        doc = torch.repeat_interleave(torch.arange(len(self.lengths), device=device),
+                                      torch.tensor(self.lengths, device=device))
+        T = doc.numel()
+        return (torch.ones(T, T, dtype=torch.bool, device=device).tril() & (doc[:, None] == doc[None, :]))[None]
 
 
 class MLA(nn.Module):
@@ -101,13 +122,16 @@ class MLA(nn.Module):
         first `kv_len` rows (default S). Rows past a sequence's position are masked, so stale slots
         never leak. Cached attention defaults to the absorbed path; `absorbed=False` expands the cached
         latents instead (same result). `mask` bool [B, T, T] replaces the causal mask of the uncached
-        path (packed sequences: causal within each document only). Under DSA each query keeps only the
-        indexer's top-k of the rows it may see.
+        path (packed sequences: causal within each document only), or `Spans` (B = 1: documents end
+        to end, attention computed per document). Under DSA each query keeps only the indexer's top-k
+        of the rows it may see.
         """
         q_nope, q_rope, latent, k_rope, q_resid = self.project(x, cos, sin)
         B, T, _ = x.shape
         idx = self.indexer
         if cache is None:
+            if isinstance(mask, Spans) and (absorbed or (idx is not None and self.sparse and T > idx.topk)):
+                mask = mask.dense(x.device)
             if idx is not None and self.sparse and T > idx.topk:
                 keys = idx.stored(idx.key(x, cos, sin))
                 mask = idx.select(x, q_resid, cos, sin, keys, _causal(T, x.device) if mask is None else mask)
@@ -134,7 +158,7 @@ class MLA(nn.Module):
         return self._absorbed(q_nope, q_rope, kv, mask=mask)
 
     def _naive(self, q_nope, q_rope, latent, k_rope, mask):
-        """Expand latents to per-head K/V and run SDPA. mask: None (causal) or bool [B, T, S]."""
+        """Expand latents to per-head K/V and run SDPA. mask: None (causal), bool [B, T, S] or Spans."""
         B, S, _ = latent.shape
         kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -146,11 +170,14 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_dim
         if pad > 0:
             v = F.pad(v, (0, pad))
-        attn_mask = None if mask is None else mask[:, None]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=attn_mask, is_causal=mask is None, scale=self.softmax_scale,
-        )[..., : self.v_dim]  # [B, H, T, v]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if isinstance(mask, Spans):  # causal attention per packed document (the fused causal kernel each)
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                            scale=self.softmax_scale) for a, b in mask.bounds], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                                 is_causal=mask is None, scale=self.softmax_scale)
+        out = out[..., : self.v_dim]  # [B, H, T, v]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def _absorbed(self, q_nope, q_rope, kv, mask):

@@ -21,7 +21,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .layers import MLP, RMSNorm
-from .mla import MLA
+from .mla import MLA, Spans
 from .moe import MoE, Routing
 from .rope import inv_frequencies
 
@@ -38,9 +38,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, positions=None, kv_len=None, absorbed=None, mask=None):
-        """x [B, T, hidden] -> (x [B, T, hidden], Routing | None). mask: see MLA.forward."""
+    def forward(self, x, cos, sin, cache=None, positions=None, kv_len=None, absorbed=None, mask=None, keep=None):
+        """x [B, T, hidden] -> (x [B, T, hidden], Routing | None). mask: see MLA.forward. keep: LongTensor [N]
+        of flat positions (b·T + t) whose outputs are wanted: the FFN runs on those only, x [1, N, hidden]."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, kv_len, absorbed, mask)
+        if keep is not None:
+            x = x.flatten(0, 1)[keep][None]
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, routing = self.mlp(h)
@@ -136,6 +139,8 @@ class Transformer(nn.Module):
         mtp: bool = False,
         logits: bool = True,
         doc_ids: torch.Tensor | None = None,
+        doc_lens: list[int] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> Output:
         """The full forward with every option.
 
@@ -147,19 +152,34 @@ class Transformer(nn.Module):
         cache): several documents packed in a row, attention stays causal within each (pass their
         own restarting `positions` too). MTP depth k at a document's last k tokens then reads the
         next document's tokens: the loss must mask those targets (nanoseek.train.loss.sft_loss).
+        doc_lens (B = 1, no cache, no MTP): padding-free packing, documents of these lengths end to end,
+        each attending to itself only, computed per document (`Spans`); positions restart per document.
+        keep: LongTensor [N] of flat positions (b·T + t) that matter (e.g. a reward model's last tokens):
+        the last block's FFN, the final norm and the head run on those only; hidden is [1, N, hidden].
         """
         B, T = input_ids.shape
+        mask = None
+        if doc_lens is not None:
+            if B != 1 or sum(doc_lens) != T or cache is not None or mtp or doc_ids is not None:
+                raise ValueError(f"doc_lens packs one row without a cache or MTP: got B={B}, T={T}, "
+                                 f"sum(doc_lens)={sum(doc_lens)}")
+            mask = Spans(doc_lens)
+            if positions is None:
+                positions = torch.cat([torch.arange(n, device=input_ids.device) for n in doc_lens])[None]
+        if keep is not None and mtp:
+            raise ValueError("keep drops positions the MTP modules read")
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        mask = None
         if doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             mask = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, T, T]
         cos, sin = self.rope(positions)
         x = self.embed_tokens(input_ids)
         routing: list[Routing] = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, cos, sin, None if cache is None else cache[i], positions, kv_len, absorbed, mask)
+            x, r = layer(x, cos, sin, None if cache is None else cache[i], positions, kv_len, absorbed, mask,
+                         keep if i == last else None)
             if r is not None:
                 routing.append(r)
         hidden = self.norm(x)

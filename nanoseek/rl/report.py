@@ -3,6 +3,8 @@ and report.md.
 
     grpo.png      reward (total and per function), accuracy and format rate; completion length
                   (mean, max, fraction truncated); KL to the reference and clip fractions
+    plot_variants  several variants of a run (each a few seeds) side by side: reward, KL and clip
+                  fraction per step, the seeds' mean and range (scripts/v32_refinements.py)
 matplotlib is optional: without it the plots are skipped and report.md is still written.
 """
 
@@ -59,6 +61,41 @@ def plot_grpo(records: list[dict], out: Path) -> list[str]:
     fig.savefig(out / "grpo.png", dpi=110)
     plt.close(fig)
     return ["grpo.png"]
+
+
+def plot_variants(variants: dict[str, list[list[dict]]], path: Path, title: str = "",
+                  keys: tuple[tuple[str, str], ...] = (("reward", "reward (mean per completion)"),
+                                                        ("kl", "KL to the reference (k3)"),
+                                                        ("clip_ratio/region_mean", "clipped fraction"))) -> list[str]:
+    """One PNG comparing variants: {name: [one seed's grpo step records, ...]} -> a panel per key, each
+    variant's mean over seeds (line) and min-max range (band) per step, over the steps all seeds have."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return []
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True)
+    for ax, (key, label) in zip(np.atleast_1d(axes), keys):
+        for name, seeds in variants.items():
+            n = min(len(s) for s in seeds)
+            values = np.array([[r.get(key) or 0.0 for r in s[:n]] for s in seeds])  # [seeds, steps]
+            steps = [r["step"] for r in seeds[0][:n]]
+            line, = ax.plot(steps, values.mean(0), label=f"{name} ({len(seeds)} seeds)")
+            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes = np.atleast_1d(axes)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("step")
+    if title:
+        axes[0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path.name]
 
 
 def sample_table(step: int, rows: list[tuple[str, str, float]], width: int = 160) -> str:

@@ -2,6 +2,7 @@
 
     rm = RewardModel.from_pretrained("runs/rm/checkpoints/latest")    # or a base model: new head
     rewards = rm(input_ids)                                           # [B, T] right-padded -> [B]
+    rewards = rm.packed([ids_1, ids_2, ...])                          # padding-free, the same rewards
     loss = bt_loss(rm(chosen_ids), rm(rejected_ids), margin)          # -log σ(r_c - r_r - m), mean
 
 The layout is transformers' `DeepseekV3ForSequenceClassification` (GenericForSequenceClassification):
@@ -87,24 +88,27 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T], right-padded with pad_token_id -> rewards [B] (fp32)."""
-        hidden = self.model.run(input_ids, logits=False).hidden  # [B, T, D] after the final norm
+        B, T = input_ids.shape
         last = last_token_index(input_ids, self.pad_id)
-        h = hidden[torch.arange(input_ids.shape[0], device=hidden.device), last]  # [B, D]
+        keep = torch.arange(B, device=input_ids.device) * T + last  # only the scored positions leave the trunk
+        h = self.model.run(input_ids, logits=False, keep=keep).hidden[0]  # [B, D] after the final norm
+        return self.score(h).squeeze(-1).float()
+
+    def packed(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Rewards [N] (fp32) of N token lists, padding-free: laid end to end in one row, each attending
+        to itself only (positions restart), the reward read at each one's last token. Equals forward()
+        on the right-padded batch (for sequences that do not end in pad ids), without the padding's work."""
+        lengths = [len(s) for s in seqs]
+        device = self.score.weight.device
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)[None]  # [1, Σ len]
+        ends = torch.tensor(lengths, device=device).cumsum(0)
+        h = self.model.run(ids, logits=False, doc_lens=lengths, keep=ends - 1).hidden[0]  # [N, D]
         return self.score(h).squeeze(-1).float()
 
     @torch.no_grad()
     def score_sequences(self, seqs: list[list[int]], batch_size: int = 16) -> list[float]:
-        """Rewards of token lists, in batches (right-padded; a sequence must not end in pad ids)."""
-        pad = self.pad_id if self.pad_id is not None else 0
-        out: list[float] = []
-        device = self.score.weight.device
-        for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i:i + batch_size]
-            if self.pad_id is None and len({len(s) for s in chunk}) > 1:
-                out += [self(torch.tensor([s], device=device)).item() for s in chunk]
-                continue
-            out += self(pad_batch(chunk, pad).to(device)).tolist()
-        return out
+        """Rewards of token lists, batch_size at a time (packed, see `packed`)."""
+        return [x for i in range(0, len(seqs), batch_size) for x in self.packed(seqs[i:i + batch_size]).tolist()]
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu",
@@ -181,7 +185,9 @@ class RewardScorer:
             tok = self.tokenizer
             return tok.encode(tok.apply_chat_template(messages[:1], add_generation_prompt=True) + answer) + [tok.eos_id]
 
-    def score(self, prompts: list[str], completions: list[str], in_reasoning: bool = False) -> list[float]:
+    def score(self, prompts: list[str], completions: list[str], in_reasoning: bool = False,
+              answers: list[str] | None = None) -> list[float]:
+        """Rewards of completions (answers: unused, a reward model judges without a reference)."""
         seqs = [self.encode(p, c, in_reasoning)[-self.model.args.max_position_embeddings:]
                 for p, c in zip(prompts, completions)]
         return self.model.score_sequences(seqs, self.batch_size)

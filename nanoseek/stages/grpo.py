@@ -56,6 +56,7 @@ from nanoseek.inference import Engine
 from nanoseek.model import ConfigError, Transformer
 from nanoseek.rl import rewards as R
 from nanoseek.rl.grpo import group_advantages, grpo_loss
+from nanoseek.rl.genrm import JudgeReward
 from nanoseek.rl.reward_model import RewardScorer
 from nanoseek.rl.report import plot_grpo, sample_table, write_report
 from nanoseek.rl.rollout import Batch, completion_logps, rollout
@@ -89,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instruction", default="", help="a line appended to each problem")
     g.add_argument("--reward", action="append", default=[], metavar="NAME[=WEIGHT]",
                    help="reward term, repeatable: accuracy, countdown, code, format, format_zero, format_r1, "
-                        "language, module:function or rm:DIR (a reward model from `nanoseek rm`, scored in batches) "
+                        "language, module:function, rm:DIR (a reward model from `nanoseek rm`, scored in batches) or "
+                        "genrm:DIR (a checkpoint as a generative judge: reasoning, then a 0-10 score) "
                         "(default: the task's accuracy rule =1 and format=0.2)")
+    g.add_argument("--genrm-template", type=Path, help="genrm: the judge's prompt, a format string over {prompt}, "
+                   "{completion}, {answer} (default: nanoseek.rl.genrm.DEFAULT_TEMPLATE)")
+    g.add_argument("--genrm-max-tokens", type=int_in(1), default=256, help="genrm: the judge's tokens at most")
     g = p.add_argument_group("sampling (TRL names)")
     g.add_argument("--prompts-per-step", type=int_in(1), default=8, help="P: questions per step (R1-Zero: 32)")
     g.add_argument("--num-generations", type=int_in(2), default=8, help="G: completions per question (R1-Zero: 16)")
@@ -173,15 +178,18 @@ def main(argv: list[str] | None = None) -> int:
 def reward_terms(a, device="cpu") -> list[tuple[str, callable, float]]:
     """--reward terms; default: the task's accuracy rule (weight 1) and the template's format (0.2)."""
     if a.reward:
-        rms = [r for r in a.reward if r.startswith("rm:")]
-        terms = R.parse_rewards([r for r in a.reward if not r.startswith("rm:")])
-        for k, spec in enumerate(rms):  # reward models: loaded once, scored per group in batches
-            path, _, weight = spec[3:].rpartition("=") if "=" in spec else (spec[3:], "", "1")
+        models = [r for r in a.reward if r.startswith(("rm:", "genrm:"))]
+        terms = R.parse_rewards([r for r in a.reward if r not in models])
+        for k, spec in enumerate(models):  # reward models and judges: loaded once, scored per group in batches
+            kind, _, rest = spec.partition(":")
+            path, _, weight = rest.rpartition("=") if "=" in rest else (rest, "", "1")
             try:
                 w = float(weight)
             except ValueError:
                 raise ValueError(f"--reward {spec!r}: the weight {weight!r} is not a number") from None
-            terms.append(("rm" if len(rms) == 1 else f"rm{k}", RewardScorer(path, device), w))
+            name = kind if sum(m.startswith(kind + ":") for m in models) == 1 else f"{kind}{k}"
+            terms.append((name, RewardScorer(path, device) if kind == "rm" else
+                          JudgeReward(path, device, a.genrm_template, a.genrm_max_tokens, name=name), w))
         return terms
     task = "countdown" if a.task == "countdown" else "accuracy"
     fmt = "format_zero" if a.template == "zero" else "format"
@@ -225,11 +233,11 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     problems = load_task(a.task, a.n_problems, a.seed, "train", digits=a.digits, ops=a.ops)
     if not problems:
         raise DataError(f"--task {a.task}: no problems")
-    has_rm = any(getattr(fn, "batched", False) for _, fn, _ in terms)
-    for kind, needs in (("rm", has_rm), ("rule", len(terms) > has_rm)):
+    n_models = sum(getattr(fn, "batched", False) for _, fn, _ in terms)  # reward models and judges
+    for kind, needs in (("rm", n_models > 0), ("rule", len(terms) > n_models)):
         if any(p.reward == kind for p in problems) and not needs:
             raise RunError(f'--task {a.task}: rows with "reward": "{kind}" but no '
-                           f'{"--reward rm:DIR" if kind == "rm" else "rule reward"} term to score them')
+                           f'{"--reward rm:DIR (or genrm:DIR)" if kind == "rm" else "rule reward"} term to score them')
     prompts = [build_prompt(tokenizer, p, a.template, a.instruction, a.think and a.template == "chat")
                for p in problems]
     max_len = max(map(len, prompts)) + a.max_completion_length
@@ -311,7 +319,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                     # the R1 recipe: a task row's "reward" field picks rule terms or reward models (None: all)
                     choice = problems[i].reward
                     per_fn = [[None] * len(texts) if choice and (choice == "rm") != is_rm else
-                              fn.score([problems[i].prompt] * len(texts), texts, a.think and a.template == "chat")
+                              fn.score([problems[i].prompt] * len(texts), texts, a.think and a.template == "chat",
+                                       answers=[problems[i].answer] * len(texts))
                               if is_rm else [float(fn(problems[i].prompt, t, problems[i].answer)) for t in texts]
                               for _, fn, _ in terms for is_rm in [getattr(fn, "batched", False)]]
                     total = [sum(w * v[j] for (_, _, w), v in zip(terms, per_fn) if v[j] is not None)
@@ -410,6 +419,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                     "clip_ratio/region_mean": stats_sum.get("clip_ratio/region_mean", 0.0),
                     "ratio_mean": stats_sum.get("ratio_mean", 1.0),
                     "off_policy_masked": stats_sum.get("off_policy_masked", 0.0), "rollout_s": rollout_s, "train_s": train_s,
+                    **{k: v for _, fn, _ in terms if hasattr(fn, "stats") for k, v in fn.stats().items()},
                     "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "skipped": skipped})
                 log.write(rec)
             bar.update(1)

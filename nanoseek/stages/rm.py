@@ -17,7 +17,9 @@ The model: `nanoseek.rl.reward_model.RewardModel`, the trunk of --model plus a `
 reward read at the last non-pad token (the pad id is the tokenizer's dedicated pad token, so the
 closing end-of-sentence is scored). Checkpoints are transformers' DeepseekV3ForSequenceClassification
 layout (`--reward rm:DIR` of `nanoseek grpo`, or transformers' from_pretrained). One optimizer step
-takes --batch-size pairs (micro-batches of --micro-batch, both sides in one forward); AdamW, linear
+takes --batch-size pairs (micro-batches of --micro-batch, both sides packed padding-free into one
+forward: no padding, attention within each sequence only, only the scored positions run the last
+FFN); AdamW (fused), linear
 warm-up then cosine; the MoE balancing bias stays frozen. The run machinery is `nanoseek train`'s:
 one writer per --out, SIGINT/SIGTERM finish the step and save, --resume continues exactly with the
 saved settings (data sha256 checked). Writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/summary.json,
@@ -44,7 +46,7 @@ from nanoseek.data import DataError, Tokenizer
 from nanoseek.data.chat import Skipped, encode_chat, jsonl_lines, parse_json_line
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import ConfigError
-from nanoseek.rl.reward_model import RewardModel, bt_loss, pad_batch
+from nanoseek.rl.reward_model import RewardModel, bt_loss
 from nanoseek.stages.sft import file_sha256
 from nanoseek.train.metrics import JsonlLog, read_jsonl
 from nanoseek.train.report import plot_run, write_report
@@ -177,9 +179,9 @@ def plan_pairs(n: int, epochs: float, seed: int) -> list[int]:
 
 
 def pair_forward(rm: RewardModel, pairs: list[Pair], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(r_chosen [N], r_rejected [N], margin [N]): both sides in one right-padded forward."""
-    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
-    rewards = rm(pad_batch(seqs, rm.pad_id).to(device))
+    """(r_chosen [N], r_rejected [N], margin [N]): both sides of every pair in one padding-free packed
+    forward (`RewardModel.packed`: no padding, attention per sequence, only the last tokens scored)."""
+    rewards = rm.packed([p[0] for p in pairs] + [p[1] for p in pairs])
     N = len(pairs)
     return rewards[:N], rewards[N:], torch.tensor([p[2] for p in pairs], device=device)
 
