@@ -117,6 +117,11 @@ def test_packed_equals_padded_and_transformers_values_and_gradients(tmp_path):
     for n, p in rm.named_parameters():
         if p.grad is not None:
             assert torch.allclose(grads[n], p.grad, atol=1e-5), n
+    # equal lengths (one bucket, no gathers) and a single sequence agree too
+    with torch.no_grad():
+        same = [s[:3] for s in seqs if len(s) >= 3]
+        assert torch.allclose(rm.packed(same), rm(torch.tensor(same)), atol=1e-5)
+        assert torch.allclose(rm.packed(seqs[2:3]), padded[2:3], atol=1e-5)
     # the dense form of the spans (absorbed path) agrees too
     with torch.no_grad():
         flat = torch.tensor([t for s in seqs for t in s])[None]

@@ -23,8 +23,9 @@ cached absorbed attention (decoding) gathers only the selected rows, so a decode
 work grows with index_topk, not with the context.
 
 Padding-free packing (`Spans`): documents laid end to end in one row attend causally within
-themselves, one attention call per document: O(Σ len²) work and no T×T mask (a dense document mask
-drops SDPA onto its slow masked path and pays for every cross-document pair it masks).
+themselves, by batched causal attention over buckets of similar length: about Σ len² work and no
+T×T mask (a dense document mask drops SDPA onto its slow masked path and pays for every
+cross-document pair it masks); every other layer runs on the real tokens only.
 """
 
 from __future__ import annotations
@@ -41,12 +42,53 @@ from .rope import apply_rope
 
 class Spans:
     """Documents packed end to end in one row [1, T]: `lengths` of each, in order. As MLA's `mask`:
-    each document attends causally to itself only (the naive path calls attention per document)."""
+    each document attends causally to itself only.
 
-    def __init__(self, lengths: list[int]):
+    The naive path runs attention on the documents grouped into buckets of similar length, each bucket
+    one batched causal call on its documents right-padded to the bucket's longest (the padding sits
+    after every real token, so causality alone keeps it out of their attention; its outputs are
+    dropped). `gather` [Σ slots] lists the flat token of each padded slot (a document's last token
+    repeated as padding), `scatter` [T] the slot of each token; `buckets` (documents, length) each;
+    `padded` False when the slots are the tokens in order (equal lengths): no gathers then."""
+
+    SLACK = 1.25  # a bucket takes documents up to this × its shortest (+ 8 tokens) long
+
+    def __init__(self, lengths: list[int], device=None):
         self.lengths = [int(n) for n in lengths]
-        ends = torch.tensor(self.lengths).cumsum(0)
-        self.bounds = list(zip((ends - ends.new_tensor(self.lengths)).tolist(), ends.tolist()))
+        starts = [0]
+        for n in self.lengths[:-1]:
+            starts.append(starts[-1] + n)
+        order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
+        groups: list[list[int]] = []
+        for i in order:
+            if not groups or self.lengths[i] > self.SLACK * self.lengths[groups[-1][0]] + 8:
+                groups.append([])
+            groups[-1].append(i)
+        gather, scatter = [], [0] * sum(self.lengths)
+        self.buckets = []
+        for g in groups:
+            L = self.lengths[g[-1]]
+            for i in g:
+                for j in range(L):
+                    if j < self.lengths[i]:
+                        scatter[starts[i] + j] = len(gather)
+                    gather.append(starts[i] + min(j, self.lengths[i] - 1))
+            self.buckets.append((len(g), L))
+        self.padded = gather != list(range(len(scatter)))
+        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
+        self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        """q, k, v [1, T, H, d] -> causal attention within each document, [1, T, H, d]."""
+        if not self.padded:  # no slot is padding and the order is kept: plain views
+            parts = [t[0].split([n * L for n, L in self.buckets]) for t in (q, k, v)]
+        else:
+            parts = [t[0].index_select(0, self.gather).split([n * L for n, L in self.buckets]) for t in (q, k, v)]
+        out = [F.scaled_dot_product_attention(*(x.view(n, L, *x.shape[1:]).transpose(1, 2) for x in xs),
+                                              is_causal=True, scale=scale).transpose(1, 2).flatten(0, 1)
+               for (n, L), xs in zip(self.buckets, zip(*parts))]  # [n·L, H, d] each
+        out = torch.cat(out) if len(out) > 1 else out[0]
+        return (out.index_select(0, self.scatter) if self.padded else out)[None]
 
     def dense(self, device) -> torch.Tensor:
         """The same rule as a bool mask [1, T, T] (for the paths that need one: absorbed, DSA)."""
@@ -123,8 +165,8 @@ class MLA(nn.Module):
         never leak. Cached attention defaults to the absorbed path; `absorbed=False` expands the cached
         latents instead (same result). `mask` bool [B, T, T] replaces the causal mask of the uncached
         path (packed sequences: causal within each document only), or `Spans` (B = 1: documents end
-        to end, attention computed per document). Under DSA each query keeps only the indexer's top-k
-        of the rows it may see.
+        to end, attention batched per bucket of similar lengths). Under DSA each query keeps only the
+        indexer's top-k of the rows it may see.
         """
         q_nope, q_rope, latent, k_rope, q_resid = self.project(x, cos, sin)
         B, T, _ = x.shape
@@ -170,14 +212,14 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_dim
         if pad > 0:
             v = F.pad(v, (0, pad))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if isinstance(mask, Spans):  # causal attention per packed document (the fused causal kernel each)
-            out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                            scale=self.softmax_scale) for a, b in mask.bounds], dim=2)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
-                                                 is_causal=mask is None, scale=self.softmax_scale)
-        out = out[..., : self.v_dim]  # [B, H, T, v]
+        if isinstance(mask, Spans):  # packed documents: batched causal attention per length bucket
+            out = mask.attend(q, k, v, self.softmax_scale)[..., : self.v_dim]  # [1, T, H, v]
+            return self.o_proj(out.flatten(2))
+        attn_mask = None if mask is None else mask[:, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=attn_mask, is_causal=mask is None, scale=self.softmax_scale,
+        )[..., : self.v_dim]  # [B, H, T, v]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def _absorbed(self, q_nope, q_rope, kv, mask):

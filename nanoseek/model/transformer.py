@@ -153,7 +153,7 @@ class Transformer(nn.Module):
         own restarting `positions` too). MTP depth k at a document's last k tokens then reads the
         next document's tokens: the loss must mask those targets (nanoseek.train.loss.sft_loss).
         doc_lens (B = 1, no cache, no MTP): padding-free packing, documents of these lengths end to end,
-        each attending to itself only, computed per document (`Spans`); positions restart per document.
+        each attending to itself only (`Spans`: no T×T mask); positions restart per document.
         keep: LongTensor [N] of flat positions (b·T + t) that matter (e.g. a reward model's last tokens):
         the last block's FFN, the final norm and the head run on those only; hidden is [1, N, hidden].
         """
@@ -163,7 +163,7 @@ class Transformer(nn.Module):
             if B != 1 or sum(doc_lens) != T or cache is not None or mtp or doc_ids is not None:
                 raise ValueError(f"doc_lens packs one row without a cache or MTP: got B={B}, T={T}, "
                                  f"sum(doc_lens)={sum(doc_lens)}")
-            mask = Spans(doc_lens)
+            mask = Spans(doc_lens, input_ids.device)
             if positions is None:
                 positions = torch.cat([torch.arange(n, device=input_ids.device) for n in doc_lens])[None]
         if keep is not None and mtp:
