@@ -15,8 +15,10 @@ lr moving the policy between rollout and update), top-p 0.8 (a truncated sampler
 prompt order; the starting model is the same for all runs.
 
 Writes RUN/<variant>-s<seed>/ (each a normal grpo run dir) and, in --results, one PNG per flag:
-reward, KL to the reference and clipped fraction per step, the seeds' mean (line) and range (band),
-baseline beside the flag (`nanoseek.rl.report.plot_variants`), plus summary.json of the figures.
+reward, KL to the reference and clipped fraction per step (and the masked share for the masking
+flag), the seeds' mean (line) and range (band), baseline beside the flag
+(`nanoseek.rl.report.plot_variants`), plus summary.json: per variant and seed, the means over the
+first and the last fifth of the steps.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--plot-only", action="store_true", help="plot the runs already in --out")
     a = p.parse_args(argv)
-    from nanoseek.rl.report import plot_variants
+    from nanoseek.rl.report import KEYS, plot_variants
     from nanoseek.train.metrics import read_jsonl
 
     if not a.plot_only:
@@ -111,9 +113,10 @@ def main(argv=None) -> int:
             for part, sl in (("first", slice(0, tail)), ("last", slice(n - tail, n)))}}
     for name in list(VARIANTS)[1:]:
         if runs[name] and runs["baseline"]:
+            extra = (("off_policy_masked", "sequences masked (share)"),) if name == "off-policy-mask" else ()
             written = plot_variants({"baseline": runs["baseline"], name: runs[name]}, a.results / f"{name}.png",
                                     title=f"--{name} vs baseline (tiny GRPO, μ 2 × 2 minibatches, top-p 0.8; "
-                                          f"{len(runs[name])} seeds: mean and range)")
+                                          f"seeds: mean and range)", keys=KEYS + extra)
             print("wrote", written)
     (a.results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for name, s in summary.items():

@@ -63,10 +63,12 @@ def plot_grpo(records: list[dict], out: Path) -> list[str]:
     return ["grpo.png"]
 
 
+KEYS = (("reward", "reward (mean per completion)"), ("kl", "KL to the reference (k3)"),
+        ("clip_ratio/region_mean", "clipped fraction"))
+
+
 def plot_variants(variants: dict[str, list[list[dict]]], path: Path, title: str = "",
-                  keys: tuple[tuple[str, str], ...] = (("reward", "reward (mean per completion)"),
-                                                        ("kl", "KL to the reference (k3)"),
-                                                        ("clip_ratio/region_mean", "clipped fraction"))) -> list[str]:
+                  keys: tuple[tuple[str, str], ...] = KEYS) -> list[str]:
     """One PNG comparing variants: {name: [one seed's grpo step records, ...]} -> a panel per key, each
     variant's mean over seeds (line) and min-max range (band) per step, over the steps all seeds have."""
     try:
