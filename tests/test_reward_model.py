@@ -128,3 +128,20 @@ def test_packed_equals_padded_and_transformers_values_and_gradients(tmp_path):
         ends = torch.tensor([len(s) for s in seqs]).cumsum(0)
         h = rm.model.run(flat, logits=False, doc_lens=[len(s) for s in seqs], keep=ends - 1, absorbed=True).hidden[0]
         assert torch.allclose(rm.score(h).squeeze(-1), padded.detach(), atol=1e-5)
+
+
+def test_packed_sparse_attention_model():
+    """A DSA (deepseek_v32) reward model: short packs go through Spans, long ones (past index_topk) take
+    the padded batch; both equal scoring each sequence alone."""
+    from nanoseek.model import preset
+
+    torch.manual_seed(0)
+    args = preset("tiny-v32", vocab_size=61, hidden_size=32, num_hidden_layers=2, num_nextn_predict_layers=0,
+                  pad_token_id=2, bos_token_id=0, eos_token_id=1, index_topk=16)
+    rm = RewardModel(Transformer(args)).eval()
+    g = torch.Generator().manual_seed(1)
+    for lengths in ((5, 3, 6), (30, 5, 20)):
+        seqs = [torch.randint(3, 61, (n,), generator=g).tolist() for n in lengths]
+        with torch.no_grad():
+            alone = torch.cat([rm(torch.tensor([s])) for s in seqs])
+            assert torch.allclose(rm.packed(seqs), alone, atol=1e-5)

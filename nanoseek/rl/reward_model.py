@@ -97,9 +97,13 @@ class RewardModel(nn.Module):
     def packed(self, seqs: list[list[int]]) -> torch.Tensor:
         """Rewards [N] (fp32) of N token lists, padding-free: laid end to end in one row, each attending
         to itself only (positions restart), the reward read at each one's last token. Equals forward()
-        on the right-padded batch (for sequences that do not end in pad ids), without the padding's work."""
+        on the right-padded batch (for sequences that do not end in pad ids), without the padding's work.
+        (A DSA model whose pack would pass index_topk tokens takes the padded batch.)"""
         lengths = [len(s) for s in seqs]
         device = self.score.weight.device
+        if self.args.dsa and sum(lengths) > self.args.index_topk:
+            # sparse attention selects its keys under a dense [T, T] mask: packing would square the pack's length
+            return self(pad_batch(seqs, self.pad_id if self.pad_id is not None else 0).to(device))
         ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)[None]  # [1, Σ len]
         ends = torch.tensor(lengths, device=device).cumsum(0)
         h = self.model.run(ids, logits=False, doc_lens=lengths, keep=ends - 1).hidden[0]  # [N, D]
