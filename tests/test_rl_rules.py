@@ -115,6 +115,12 @@ def test_accuracy_symbolic_and_fallback(monkeypatch):
     assert R.accuracy("", r"\boxed{1/2}", "0.5") == 1.0
     assert R.accuracy("", r"\boxed{1 + x}", "x+1") == 0.0  # symbolic equality needs math-verify
     assert R.extract_answer(r"\boxed{a{b}c} and \fbox{a{b}c}") == "a{b}c"
+    # two plain numbers are decided by the rule alone: math-verify (slow, GRPO grades every completion) is not asked
+    asked = []
+    monkeypatch.setattr(R, "_math_verify", lambda: asked.append(1))
+    assert R.accuracy("", r"\boxed{97}", "98") == 0.0 and R.accuracy("", r"\boxed{0.5}", "1/2") == 1.0
+    assert not asked
+    assert R.accuracy("", r"\boxed{\sqrt{4}}", "2") == 0.0 and asked  # not a plain number: math-verify's call
 
 
 def test_math_verify_decides_symbolic_equality():

@@ -18,8 +18,8 @@
 Several answers: if they all normalise to the same value that is the answer, if they differ the
 completion hedged and gets `None` (reward 0).
 
-**Comparing** (`same_answer`): first the rule below; when it says no and `math-verify` is
-installed (pip install math-verify), its `parse`/`verify` get the last word (LaTeX, sets,
+**Comparing** (`same_answer`): first the rule below; when it says no, both sides are not plain
+numbers (two different numbers are simply different) and `math-verify` is installed (pip install math-verify), its `parse`/`verify` get the last word (LaTeX, sets,
 intervals, symbolic equality such as `x+1` = `1+x`). The rule, the whole check without it: both
 sides are normalised (NFKC and every Unicode decimal digit to ASCII, so `４２` and `٤٢` are 42;
 `−` → `-`; `$`, `\\text{}`, `\\left`/`\\right`, spaces, a trailing period and thousands commas in
@@ -126,8 +126,11 @@ def _math_verify():
 def same_answer(given: str, reference: str) -> bool:
     """Whether an extracted answer equals the reference: math-verify when installed, else the
     numeric/string fallback."""
-    if normalize(given) == normalize(reference):
+    a, b = normalize(given), normalize(reference)
+    if a == b:
         return True
+    if to_number(a) is not None and to_number(b) is not None:
+        return False  # two exact numbers that differ: nothing for math-verify to add (and it is slow)
     mv = _math_verify()
     if mv is None:
         return False
