@@ -220,18 +220,14 @@ def test_sharded_checkpoint_metadata_is_not_an_arbitrary_pickle(two_ranks, tmp_p
         load_sharded(bad, torch.nn.Linear(2, 2))
 
 
-def test_torchrun_train_is_the_one_process_run_and_resumes_in_one_process(tmp_path):
-    """`nanoseek train` on 2 ranks with EP=2 (what torchrun launches), stopped at step 2, resumed in one
-    process from its sharded checkpoint, and the reverse: the same 4 losses as one process all along.
-    Rank 0 alone prints and logs."""
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    """Data, the flags of a tiny 4-step `nanoseek train` run, and that run in one process (tmp/one)."""
     from nanoseek.stages import prepare
     from nanoseek.stages import train as train_stage
-    from nanoseek.model import Transformer
-    from nanoseek.parallel.checkpoint import is_sharded
-    from nanoseek.train.metrics import read_jsonl
-    from nanoseek.train.state import latest_checkpoint
 
-    data = tmp_path / "data"
+    tmp = tmp_path_factory.mktemp("train")
+    data = tmp / "data"
     assert prepare.main(["--out", str(data), "--max-bytes", "120000", "--vocab-size", "300", "--seq-len", "16",
                          "--val-fraction", "0.1"]) == 0
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -239,20 +235,39 @@ def test_torchrun_train_is_the_one_process_run_and_resumes_in_one_process(tmp_pa
                  v_head_dim=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
                  topk_group=1, num_nextn_predict_layers=1, initializer_range=0.05)
     flags = ["--data", str(data), *[f"--set={k}={json.dumps(v)}" for k, v in small.items()], "--batch-size", "4",
-             "--batch-start", "4", "--micro-batch", "1", "--eval-batches", "1", "--samples", "0", "--quiet",
-             "--warmup-steps", "2", "--lr", "1e-2", "--steps", "4", "--eval-every", "0"]
+             "--batch-start", "4", "--micro-batch", "1", "--eval-batches", "2", "--samples", "0", "--quiet",
+             "--warmup-steps", "2", "--lr", "1e-2", "--steps", "4", "--eval-every", "2"]
+    assert one_thread(train_stage.main, ["--out", str(tmp / "one"), *flags]) == 0
+    return tmp, flags
+
+
+def one_thread(fn, *args):
+    """Run in this process with one thread, as each rank does (same reduction order in the kernels)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_torchrun_train_is_the_one_process_run_and_resumes_in_one_process(train_run):
+    """`nanoseek train` on 2 ranks with EP=2 (what torchrun launches), stopped at step 2, resumed in one
+    process from its sharded checkpoint, and the reverse: the same 4 losses as one process all along.
+    Rank 0 alone prints and logs."""
+    from nanoseek.stages import train as train_stage
+    from nanoseek.model import Transformer
+    from nanoseek.parallel.checkpoint import is_sharded
+    from nanoseek.train.metrics import read_jsonl
+    from nanoseek.train.state import latest_checkpoint
+
+    tmp_path, flags = train_run
     procs = launch(2, ["-m", "nanoseek", "train", "--out", str(tmp_path / "two"), *flags, "--ep", "2", "--stop-at", "2"])
     assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
     assert "stopped (--stop-at) at step 2" in procs[0].stdout and procs[1].stdout == ""  # rank 0 prints
     assert (tmp_path / "two" / "checkpoints" / "step-000002" / "dcp" / ".metadata").is_file()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train_stage.main(["--out", str(tmp_path / "two"), "--resume", "--quiet"]) == 0
-        assert train_stage.main(["--out", str(tmp_path / "one"), *flags]) == 0
-        assert train_stage.main(["--out", str(tmp_path / "mixed"), *flags, "--stop-at", "2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert one_thread(train_stage.main, ["--out", str(tmp_path / "two"), "--resume", "--quiet"]) == 0
+    assert one_thread(train_stage.main, ["--out", str(tmp_path / "mixed"), *flags, "--stop-at", "2"]) == 0
     # and the other way: a one-process (HF layout) checkpoint resumed on 2 ranks, its AdamW moments sharded
     procs = launch(2, ["-m", "nanoseek", "train", "--out", str(tmp_path / "mixed"), "--resume", "--ep", "2"])
     assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
@@ -265,8 +280,76 @@ def test_torchrun_train_is_the_one_process_run_and_resumes_in_one_process(tmp_pa
         assert_same_logged_run(other, one)
 
 
+def test_torchrun_train_pipeline_is_the_one_process_run_across_layouts(train_run):
+    """`nanoseek train --pp 2` (1F1B, one layer per stage): the same losses, gradient norms, loads and
+    validations (evaluated forward-only through the stages) as one process; stopped at step 2 and
+    resumed in one process, and a one-process checkpoint resumed with --pp 2 to the end (final
+    evaluation through the stages, HF export), both give the uninterrupted run."""
+    from nanoseek.stages import train as train_stage
+    from nanoseek.model import Transformer
+    from nanoseek.train.metrics import read_jsonl
+    from nanoseek.train.state import latest_checkpoint
+
+    tmp_path, flags = train_run
+    procs = launch(2, ["-m", "nanoseek", "train", "--out", str(tmp_path / "pp"), *flags, "--pp", "2", "--stop-at", "2"])
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    assert "stopped (--stop-at) at step 2" in procs[0].stdout and procs[1].stdout == ""
+    assert one_thread(train_stage.main, ["--out", str(tmp_path / "pp"), "--resume", "--quiet"]) == 0
+    assert one_thread(train_stage.main, ["--out", str(tmp_path / "to_pp"), *flags, "--stop-at", "2"]) == 0
+    procs = launch(2, ["-m", "nanoseek", "train", "--out", str(tmp_path / "to_pp"), "--resume", "--pp", "2"])
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    assert Transformer.from_pretrained(latest_checkpoint(tmp_path / "to_pp" / "checkpoints")).args.num_hidden_layers == 2
+    one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    for run in ("pp", "to_pp"):
+        other = read_jsonl(tmp_path / run / "metrics.jsonl")
+        assert [(r["kind"], r["step"]) for r in other] == [(r["kind"], r["step"]) for r in one]
+        assert_same_logged_run([r for r in other if r["kind"] == "train"], [r for r in one if r["kind"] == "train"])
+        for a, b in zip(other, one):
+            if a["kind"] == "val":  # evaluation through the stages: loss and the main layers' loads
+                assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+                assert a["val_maxvio"] == pytest.approx(b["val_maxvio"])
+
+
 def assert_same_logged_run(two, one):
     for a, b in zip(two, one):
         assert a["tokens"] == b["tokens"] and sum(a["load"], []) == pytest.approx(sum(b["load"], []))  # same routing
         assert (a["loss"], a["mtp_loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["mtp_loss"], b["grad_norm"]),
                                                                            rel=1e-5)
+
+
+def test_torchrun_sft_is_the_one_process_run_and_resumes_in_one_process(tmp_path):
+    """`nanoseek sft` on 2 ranks with EP=2: each step's rows dealt round-robin (the last step has one
+    row, so rank 1 runs a stand-in micro-batch), stopped at step 2 and resumed in one process: the
+    one-process losses, token counts, loads and validations. Rank 0 alone prints and logs."""
+    from nanoseek.data import train_bpe
+    from nanoseek.rl.tasks import arithmetic, worked_solutions
+    from nanoseek.stages import sft as sft_stage
+    from nanoseek.train.metrics import read_jsonl
+
+    rows = worked_solutions(arithmetic(40, seed=0, digits=2, ops="+"))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_bpe([json.dumps(r) for r in rows], vocab_size=400).save(tmp_path / "tok")
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                 v_head_dim=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+                 topk_group=2, num_nextn_predict_layers=1, initializer_range=0.05)
+    flags = ["--init-preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "chat.jsonl"),
+             *[f"--set={k}={json.dumps(v)}" for k, v in small.items()], "--seq-len", "192", "--batch-size", "4",
+             "--micro-batch", "1", "--lr", "1e-2", "--eval-every", "2", "--samples", "0", "--quiet",
+             "--epochs", "0.93"]  # 13 packed rows: steps of 4, 4, 4 and 1 rows
+    assert one_thread(sft_stage.main, ["--out", str(tmp_path / "one"), *flags]) == 0
+    procs = launch(2, ["-m", "nanoseek", "sft", "--out", str(tmp_path / "two"), *flags, "--ep", "2", "--stop-at", "2"])
+    assert all(p.returncode == 0 for p in procs), "\n".join(p.stderr[-3000:] for p in procs)
+    assert "stopped (--stop-at) at step 2" in procs[0].stdout and procs[1].stdout == ""
+    assert one_thread(sft_stage.main, ["--out", str(tmp_path / "two"), "--resume"]) == 0
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in two] == [(r["kind"], r["step"]) for r in one]
+    assert [r["loss_tokens"] for r in one if r["kind"] == "train"][-1] < 192  # the one-row last step
+    for a, b in zip(two, one):
+        if a["kind"] == "val":
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        else:
+            assert (a["loss_tokens"], a["data_tokens"]) == (b["loss_tokens"], b["data_tokens"])
+            assert sum(a["load"], []) == pytest.approx(sum(b["load"], []))
+            assert (a["loss"], a["mtp_loss"], a["grad_norm"]) == pytest.approx(
+                (b["loss"], b["mtp_loss"], b["grad_norm"]), rel=1e-5)

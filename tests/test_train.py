@@ -93,6 +93,13 @@ def test_bias_update_moves_load_towards_balance():
     after = max_vio(counts())
     assert (after < before).all() and after.max() < 0.5 * before.min()
     assert gates[0].e_score_correction_bias[0] < 0.3 - 0.1  # the overloaded expert was pushed down
+    # a forward without MTP (--mtp-lambda 0) counts the main layers only: their biases move, MTP's stay
+    mtp_bias = gates[1].e_score_correction_bias.clone()
+    main_only = expert_counts(model.run(ids).routing, model.args.n_routed_experts)
+    update_bias(model, main_only, gamma=0.01)
+    assert torch.equal(gates[1].e_score_correction_bias, mtp_bias)
+    with pytest.raises(ValueError, match="counts cover 3 MoE layers"):
+        update_bias(model, torch.zeros(3, model.args.n_routed_experts), gamma=0.01)
 
 
 def test_training_loss_has_finite_mtp_term():

@@ -37,6 +37,7 @@ LAYOUTS = {
     "fsdp4": (4, 1, 4, 1, None),
     "ep2xfsdp2": (4, 1, 2, 2, None),
     "ep4": (4, 1, 1, 4, None),
+    "pp2xep2": (4, 2, 1, 2, "1f1b"),
 }
 
 

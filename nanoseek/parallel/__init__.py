@@ -19,9 +19,10 @@ nodes) x ZeRO-1 DP, no tensor parallelism. Here the same three degrees are flags
 FSDP2 (ZeRO-3) because that is what PyTorch ships.
 """
 
-from .env import (Dist, Layout, LayoutError, agree, build_mesh, check_layout, fail, init_distributed, print0,
-                  quiet_other_ranks, shutdown, torchrun_world)
+from .env import (Dist, Layout, LayoutError, agree, any_rank, build_mesh, check_layout, fail, init_distributed,
+                  print0, quiet_other_ranks, shutdown, torchrun_world)
 from .parallelize import clip_grad_norm_, global_counts, parallelize
 
-__all__ = ["Dist", "Layout", "LayoutError", "agree", "build_mesh", "check_layout", "fail", "init_distributed",
-           "print0", "quiet_other_ranks", "shutdown", "torchrun_world", "parallelize", "clip_grad_norm_", "global_counts"]
+__all__ = ["Dist", "Layout", "LayoutError", "agree", "any_rank", "build_mesh", "check_layout", "fail",
+           "init_distributed", "print0", "quiet_other_ranks", "shutdown", "torchrun_world", "parallelize",
+           "clip_grad_norm_", "global_counts"]

@@ -170,6 +170,31 @@ def _load(reader, model, optimizer, no_dist: bool) -> None:
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
+def full_optimizer_state(path: str | os.PathLike, model: torch.nn.Module, optimizer) -> dict:
+    """A one-process (HF-layout) checkpoint's optimizer moments as full tensors by parameter name, for a
+    run resumed under torchrun: `model` is the plain model before `parallelize` and `optimizer` one
+    built over it like the run's; `set_optimizer_state_dict(..., full_state_dict=True)` then shards
+    the result into the parallel optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from nanoseek.train.state import load_trainer_state
+
+    load_trainer_state(path, model, optimizer)
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_run_state(path: str | os.PathLike, model: torch.nn.Module, optimizer, moments_loaded: bool = False) -> dict:
+    """Resume a training run from checkpoint `path` into this rank's model and optimizer; returns the
+    trainer state. Sharded: any layout (all ranks call). One-process (HF layout): weights and moments
+    read by `load_trainer_state`, or, under torchrun, the weights came with the model and the moments
+    through `full_optimizer_state` (moments_loaded=True): then only the state is read."""
+    from nanoseek.train.state import load_trainer_state, read_trainer_state
+
+    if is_sharded(path):
+        return load_sharded(path, model, optimizer)
+    return read_trainer_state(path) if moments_loaded else load_trainer_state(path, model, optimizer)
+
+
 def export_hf(path: str | os.PathLike, out: str | os.PathLike) -> Transformer:
     """A sharded checkpoint -> an HF-layout directory (config + safetensors), in this one process.
 

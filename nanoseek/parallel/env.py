@@ -116,12 +116,18 @@ def quiet_other_ranks(d: Dist) -> None:
 
 
 def agree(values: list[float], d: Dist, op: str = "max") -> list[float]:
-    """The same decision on every rank (stop, time up, a re-planned budget): max or min over ranks."""
+    """The same decision on every rank (stop, time up, a re-planned budget): max, min or sum over ranks."""
     if not d.enabled:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=d.device if d.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op])
     return t.tolist()
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """The same branch on every rank, true when any rank's flag is (a signal, a time limit): one rank
+    leaving a loop alone would leave the others waiting in a collective."""
+    return agree([float(flag)], d)[0] > 0 if d.enabled else flag
 
 
 def print0(*args, **kwargs) -> None:

@@ -66,7 +66,7 @@ def parallelize(model: nn.Module, mesh=None, *, bf16: bool = False, activation_c
         for module in model.modules():
             if isinstance(module, (MLA, MLP)):
                 module.compile()
-    if mesh is None or dp == 1:
+    if mesh is None or (dp == 1 and not bf16):  # (a pipeline without data parallelism still gets FSDP's bf16 policy)
         return model
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining.schedules import _Action, _ComputationType, _PipelineScheduleRuntime
 
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE
@@ -83,6 +84,16 @@ class Stage(nn.Module):
         self.n_rows = len(moe_main) + len(moe_mtp)
         self.counts = torch.zeros(self.n_rows, model.args.n_routed_experts)
         self.balance = torch.zeros(())
+        # Evaluation pads the micro-batches up to the schedule's minimum with copies: a stage runs its
+        # micro-batches in order, so counting only the first `count_first` forwards leaves them out.
+        self.count_first: int | None = None
+        self.forwards = 0
+
+    def reset_stats(self, count_first: int | None = None) -> None:
+        """Zero the loads and the balance term before a schedule step (count_first: see __init__)."""
+        self.counts.zero_()
+        self.balance.zero_()
+        self.count_first, self.forwards = count_first, 0
 
     def gates(self) -> list[tuple[int, nn.Module]]:
         """(row in the global loads, Gate) for every router this stage holds."""
@@ -90,7 +101,9 @@ class Stage(nn.Module):
         return out + [(row, b.mlp.gate) for row, b in zip(self.mtp_rows, self.mtp) if row is not None]
 
     def _routed(self, x: torch.Tensor, routing, row: int) -> torch.Tensor:
-        self.counts[row] += torch.bincount(routing.indices.flatten(), minlength=self.args.n_routed_experts).cpu().float()
+        if self.count_first is None or self.forwards <= self.count_first:  # forwards: this one included
+            self.counts[row] += torch.bincount(routing.indices.flatten(),
+                                               minlength=self.args.n_routed_experts).cpu().float()
         if self.seq_alpha > 0 and self.training and torch.is_grad_enabled():
             aux = self.seq_alpha * balance_loss([routing], x.shape[0], self.args.num_experts_per_tok)
             self.balance += aux.detach().cpu()
@@ -98,6 +111,7 @@ class Stage(nn.Module):
         return x
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None):
+        self.forwards += 1
         if self.first:
             h = emb = self.embed_tokens(h)
         B, T, _ = h.shape
@@ -138,16 +152,24 @@ def stage_ids(schedule: str, pp: int, pp_rank: int) -> list[int]:
 
 @dataclass
 class Pipeline:
-    """This rank's stages and the schedule. `module` holds the rank's parameters under the model's names."""
+    """This rank's stages and their schedules. `module` holds the rank's parameters under the model's names.
+
+    A torch schedule is built for a fixed number of micro-batches (the stages size their buffers by
+    it), so `schedule(n)` builds one per n on first use: a batch ramp changes n between steps, and
+    evaluation has its own forward-only one."""
 
     module: Stage
     stages: list[Stage]
-    schedule: object
-    n_microbatches: int
+    kind: str
+    n_stages: int
     pp_group: object
+    build: object  # build(n, micro_batch, train) -> torch schedule
+    micro_batch: int
     mtp_lambda: float = 0.3
+    n_main_rows: int = 0  # rows of the loads that belong to main layers (evaluation counts no MTP)
     _ce: list = field(default_factory=list)
     _mtp: list = field(default_factory=list)
+    _schedules: dict = field(default_factory=dict)
 
     @property
     def has_last(self) -> bool:
@@ -156,6 +178,15 @@ class Pipeline:
     @property
     def has_first(self) -> bool:
         return any(s.first for s in self.stages)
+
+    def schedule(self, n: int, micro_batch: int | None = None, train: bool = True):
+        """The schedule for n micro-batches of `micro_batch` rows (built on first use; at most a few kept)."""
+        key = (n, micro_batch or self.micro_batch, train)
+        if key not in self._schedules:
+            if len(self._schedules) >= 4:  # a batch ramp walks through many n: keep the newest ones
+                del self._schedules[next(iter(self._schedules))]
+            self._schedules[key] = self.build(*key)
+        return self._schedules[key]
 
     def loss_fn(self, output, target: torch.Tensor) -> torch.Tensor:
         """Next-token + λ·MTP cross-entropy of one micro-batch, on the last stage (head fused in)."""
@@ -171,30 +202,44 @@ class Pipeline:
         self._mtp.append(mtp.detach())
         return total
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor, optimizer, *, gamma: float = 0.0,
-             grad_clip: float = 1.0, zero_grad: bool = True) -> StepResult:
-        """One optimizer step on this data-parallel rank's rows (inputs/targets [rows, T]); every
-        stage rank passes the same rows (only the first uses inputs, only the last targets)."""
+    def eval_loss_fn(self, output, target: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy of one micro-batch from fp32 logits, as `evaluate` computes it."""
+        logits = self.module.lm_head(output[0]).float()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+        self._ce.append(ce.detach())
+        return ce
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                         n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the schedule over this rank's rows (inputs/targets [n·micro, T], the same on every stage
+        rank: only the first uses inputs, only the last targets); gradients are the mean over the n
+        micro-batches. Returns this rank's (ce, mtp, balance) means over the micro-batches (ce and mtp
+        nonzero on the last stage only, balance summed over this rank's stages) and its loads [L, E]
+        (rows of its own layers); reduce both over ranks."""
         self._ce.clear()
         self._mtp.clear()
         for s in self.stages:
-            s.counts.zero_()
-            s.balance.zero_()
+            s.reset_stats()
         device = next(self.module.parameters()).device
         kwargs = {"target": targets.to(device)} if self.has_last else {}
         args = (inputs.to(device),) if self.has_first else ()
-        self.schedule.step(*args, **kwargs)
-        n = self.n_microbatches
-        # ce/mtp live on the last stage, balance terms on every stage: sum over ranks, then average
-        # over the data-parallel ranks (sum over pp is a sum over disjoint parts).
+        self.schedule(n).step(*args, **kwargs)
         local = torch.zeros(3)
         if self.has_last:
             local[0] = torch.stack(self._ce).sum().cpu() / n
             local[1] = torch.stack(self._mtp).sum().cpu() / n
         local[2] = sum(s.balance for s in self.stages) / n
+        return local, sum(s.counts for s in self.stages)
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, optimizer, *, gamma: float = 0.0,
+             grad_clip: float = 1.0, zero_grad: bool = True) -> StepResult:
+        """One optimizer step on this data-parallel rank's rows (inputs/targets [rows, T])."""
+        local, counts = self.forward_backward(inputs, targets, inputs.shape[0] // self.micro_batch)
+        # ce/mtp live on the last stage, balance terms on every stage: sum over ranks, then average
+        # over the data-parallel ranks (sum over pp is a sum over disjoint parts).
         pp = self.pp_group.size() if self.pp_group is not None else 1
         ce, mtp, bal = (mean_over_ranks(local) * pp).tolist()
-        counts = global_counts(sum(s.counts for s in self.stages))
+        counts = global_counts(counts)
         params = [p for p in self.module.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm_(params, grad_clip)
         skipped = not (math.isfinite(ce) and math.isfinite(grad_norm))
@@ -211,6 +256,44 @@ class Pipeline:
             optimizer.zero_grad(set_to_none=True)
         return StepResult(ce=ce, mtp=mtp, balance=bal, grad_norm=grad_norm, counts=counts, skipped=skipped)
 
+    @torch.no_grad()
+    def evaluate(self, batches) -> tuple[float, torch.Tensor]:
+        """`nanoseek.train.loss.evaluate` through the stages: mean next-token loss over `batches` of
+        (inputs [b, T], targets [b, T]) and the loads [L_main, E] summed over them, on every rank of
+        this pipeline (every data-parallel rank evaluates the same batches, as without a pipeline).
+
+        Forward only (the schedule's `eval`), one row per micro-batch so a short last batch needs no
+        padding; fewer rows than the schedule's minimum (its stage count) are padded with copies of
+        the first, which are neither counted nor scored."""
+        inputs = torch.cat([x for x, _ in batches])
+        targets = torch.cat([y for _, y in batches])
+        rows = inputs.shape[0]
+        n = max(rows, self.n_stages)
+        if n > rows:
+            inputs = torch.cat([inputs, inputs[:1].expand(n - rows, -1)])
+            targets = torch.cat([targets, targets[:1].expand(n - rows, -1)])
+        self._ce.clear()
+        for s in self.stages:
+            s.reset_stats(count_first=rows)
+            s.eval()
+        device = next(self.module.parameters()).device
+        try:
+            kwargs = {"target": targets.to(device)} if self.has_last else {}
+            args = (inputs.to(device),) if self.has_first else ()
+            self.schedule(n, 1, train=False).eval(*args, **kwargs)
+            counts = sum(s.counts for s in self.stages)[: self.n_main_rows].clone()
+        finally:
+            for s in self.stages:
+                s.train()
+                s.reset_stats()
+        total = torch.zeros(1, dtype=torch.float64)
+        if self.has_last:
+            total[0] = torch.stack(self._ce[:rows]).double().sum().cpu()
+        if self.pp_group is not None:  # the loss lives on the last stage, each layer's loads on its own
+            dist.all_reduce(total, group=self.pp_group)
+            dist.all_reduce(counts, group=self.pp_group)
+        return total.item() / targets[:rows].numel(), counts
+
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Merge every pipeline rank's {name: tensor} (CPU) into one dict on every rank."""
         parts = [None] * self.pp_group.size()
@@ -221,13 +304,37 @@ class Pipeline:
         return out
 
 
-def build_pipeline(model: Transformer, mesh, micro_batch: int, seq_len: int, *, schedule: str, n_microbatches: int,
-                   mtp_lambda: float, seq_alpha: float = 0.0, **parallel_flags) -> Pipeline:
-    """Cut `model` into this rank's stages, parallelize them over the rest of the mesh, build the schedule.
+class ForwardOnlyV(_PipelineScheduleRuntime):
+    """Evaluation over DualPipeV's V placement (rank r holds stages r and 2·pp-1-r), forward only.
 
-    n_microbatches: micro-batches per step on this data-parallel rank (>= number of stages).
+    torch's ScheduleDualPipeV has no forward-only mode (its overlapped forward/backward actions need
+    a backward). This lists the forwards breadth-first per stage and lets torch's schedule runtime
+    add the sends and receives and run them. torch's schedule check insists on a backward for every
+    forward, so the order is lowered with backwards, which are then dropped with their messages."""
+
+    FORWARD_ONLY = {_ComputationType.FORWARD, _ComputationType.SEND_F, _ComputationType.RECV_F,
+                    _ComputationType.UNSHARD, _ComputationType.RESHARD}
+
+    def __init__(self, stages: list, n_microbatches: int, loss_fn):
+        super().__init__(stages=stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+        pp, n = self.pp_group_size, n_microbatches
+        F, B = _ComputationType.FORWARD, _ComputationType.FULL_BACKWARD
+        self._prepare_schedule_with_comms(
+            {r: [_Action(s, F, i) for s in (r, 2 * pp - 1 - r) for i in range(n)]
+             + [_Action(s, B, i) for s in (2 * pp - 1 - r, r) for i in range(n)] for r in range(pp)})
+        self.pipeline_order_with_comms = {r: [a for a in order if a.computation_type in self.FORWARD_ONLY]
+                                          for r, order in self.pipeline_order_with_comms.items()}
+
+
+def build_pipeline(model: Transformer, mesh, micro_batch: int, seq_len: int, *, schedule: str, mtp_lambda: float,
+                   n_microbatches: int | None = None, seq_alpha: float = 0.0, **parallel_flags) -> Pipeline:
+    """Cut `model` into this rank's stages, parallelize them over the rest of the mesh (`parallel_flags`:
+    `parallelize`'s bf16, activation_checkpoint, compile), and return the Pipeline that builds schedules.
+
+    n_microbatches: micro-batches per step on this data-parallel rank, checked here (>= number of
+    stages) when given; each step may use another count (`Pipeline.schedule`).
     """
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe
 
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose from {SCHEDULES}")
@@ -237,7 +344,7 @@ def build_pipeline(model: Transformer, mesh, micro_batch: int, seq_len: int, *, 
     if model.args.num_hidden_layers < n_stages:
         raise ValueError(f"{schedule} with --pp {pp} needs {n_stages} stages, the model has only "
                          f"{model.args.num_hidden_layers} layers")
-    if n_microbatches < n_stages:
+    if n_microbatches is not None and n_microbatches < n_stages:
         raise ValueError(f"{schedule} needs at least {n_stages} micro-batches per step, got {n_microbatches} "
                          f"(lower --micro-batch or raise --batch-size)")
     layers = split_layers(model.args.num_hidden_layers, n_stages)
@@ -250,20 +357,26 @@ def build_pipeline(model: Transformer, mesh, micro_batch: int, seq_len: int, *, 
     # Static shapes: without them the stages infer shapes by running a forward and backward on dummy
     # tensors, which would also count expert loads and call the loss.
     dtype = torch.bfloat16 if parallel_flags.get("bf16") else torch.float32
-    D, T, m, K = model.args.hidden_size, seq_len, micro_batch, len(model.mtp)
-    act = (torch.empty(m, T, D, dtype=dtype, device="meta", requires_grad=True),) * 2
-    last_out = tuple(torch.empty(m, T - k, D, dtype=dtype, device="meta", requires_grad=True) for k in range(K + 1) if T - k > 0)
+    D, T, K = model.args.hidden_size, seq_len, len(model.mtp)
 
-    def stage(s: Stage, i: int) -> PipelineStage:
-        inputs = (torch.empty(m, T, dtype=torch.long, device="meta"),) if s.first else act
-        return PipelineStage(s, i, n_stages, device, input_args=inputs, output_args=last_out if s.last else act,
-                             group=pp_mesh.get_group())
+    def build(n: int, m: int, train: bool):
+        act = (torch.empty(m, T, D, dtype=dtype, device="meta", requires_grad=train),) * 2
+        last_out = tuple(torch.empty(m, T - k, D, dtype=dtype, device="meta", requires_grad=train)
+                         for k in range(K + 1) if T - k > 0)
 
-    pipe_stages = [stage(s, i) for s, i in zip(stages, mine)]
-    pipe = Pipeline(module=module, stages=stages, schedule=None, n_microbatches=n_microbatches,
-                    pp_group=pp_mesh.get_group(), mtp_lambda=mtp_lambda)
-    if schedule == "1f1b":
-        pipe.schedule = Schedule1F1B(pipe_stages[0], n_microbatches, loss_fn=pipe.loss_fn)
-    else:
-        pipe.schedule = ScheduleDualPipeV(pipe_stages, n_microbatches, loss_fn=pipe.loss_fn)
+        def stage(s: Stage, i: int) -> PipelineStage:
+            inputs = (torch.empty(m, T, dtype=torch.long, device="meta"),) if s.first else act
+            return PipelineStage(s, i, n_stages, device, input_args=inputs, output_args=last_out if s.last else act,
+                                 group=pp_mesh.get_group())
+
+        pipe_stages = [stage(s, i) for s, i in zip(stages, mine)]
+        loss_fn = pipe.loss_fn if train else pipe.eval_loss_fn
+        if schedule == "dualpipev":
+            return (ScheduleDualPipeV(pipe_stages, n, loss_fn=loss_fn) if train
+                    else ForwardOnlyV(pipe_stages, n, loss_fn))
+        return (Schedule1F1B if train else ScheduleGPipe)(pipe_stages[0], n, loss_fn=loss_fn)
+
+    moe_main = sum(model.args.is_moe_layer(i) for i in range(model.args.num_hidden_layers))
+    pipe = Pipeline(module=module, stages=stages, kind=schedule, n_stages=n_stages, pp_group=pp_mesh.get_group(),
+                    build=build, micro_batch=micro_batch, mtp_lambda=mtp_lambda, n_main_rows=moe_main)
     return pipe

@@ -4,6 +4,7 @@
     nanoseek sft --model DIR --data traces.jsonl --val val.jsonl --out OUT --tokens 2e6 --lr 1e-4
     nanoseek sft --init-preset tiny --tokenizer TOK --data chat.jsonl --out OUT      # random weights
     nanoseek sft --out OUT --resume                                                   # continue exactly
+    torchrun --nproc-per-node 2 -m nanoseek sft --model DIR --data chat.jsonl --out OUT --ep 2   # 2 ranks
 
 Data: JSONL rows `{"messages": [...]}` encoded by `nanoseek.data.chat.encode_chat` with the model's
 own chat template (the loss mask is True on assistant turns: reasoning_content, content and the
@@ -31,6 +32,16 @@ OUT/checkpoints/latest with the saved settings (the data files must be unchanged
 checked), non-finite steps are skipped and --max-nonfinite in a row stop the run. Writes
 OUT/metrics.jsonl, OUT/checkpoints/ (HF layout: servable, evaluable, resumable), and at the end
 OUT/summary.json, OUT/report.md and loss plots.
+
+Under torchrun (nanoseek/parallel/, as `nanoseek train`): --batch-size stays the global batch (rows
+per optimizer step over all ranks) and --micro-batch is per rank. Each step's rows are dealt to the
+data-parallel ranks round-robin, and every rank divides its loss by the step's global count of
+assistant tokens (times the rank count, which FSDP's gradient average takes back), so the update is
+the one-process update; the row plan is a pure function of the data and the seed, so --resume is
+exact at any world size. A rank left with fewer rows (a short last step) runs stand-in micro-batches
+weighted 0, which keeps it in step with the others' collectives. Rank 0 prints and writes logs and
+reports; checkpoints are sharded (DCP) and resume at any layout, one process included; the final one
+is also exported in the HF layout.
 """
 
 from __future__ import annotations
@@ -54,7 +65,11 @@ from nanoseek.data import DataError, Tokenizer
 from nanoseek.data.chat import PackedBatch, pack, pack_rows, read_chat_jsonl
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.model import PRESETS, ConfigError, Transformer, preset
-from nanoseek.model.args import parse_overrides
+from nanoseek.model.args import ModelArgs, parse_overrides
+from nanoseek.parallel import (agree, any_rank, build_mesh, check_layout, clip_grad_norm_, global_counts,
+                               init_distributed, parallelize, quiet_other_ranks, shutdown, torchrun_world)
+from nanoseek.parallel.checkpoint import (export_hf, full_optimizer_state, is_sharded, load_run_state,
+                                         save_run_checkpoint)
 from nanoseek.quant.training import adamw, to_fp8_training
 from nanoseek.train.balance import max_vio
 from nanoseek.train.loss import sft_evaluate, sft_loss
@@ -64,11 +79,11 @@ from nanoseek.train.run import (Interrupts, RunError, StepLoop, apply_update, cl
                                resume_args)
 from nanoseek.train.sample import sample
 from nanoseek.train.schedule import Schedule
-from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
+from nanoseek.train.state import latest_checkpoint, read_trainer_state, save_checkpoint
 
 # Flags a resumed run may take from its command line; the others come from the saved run.
 FREE_ON_RESUME = {"out", "resume", "device", "eval_every", "save_every", "keep_last", "stop_at", "max_nonfinite",
-                  "samples", "quiet"}
+                  "samples", "quiet", "dp_shard", "ep", "micro_batch"}  # layout and accumulation: rounding only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", type=float_in(1), help="packed training tokens instead of epochs")
     g.add_argument("--seq-len", type=int_in(2), default=1024, help="tokens per packed row (at most the model's context)")
     g.add_argument("--batch-size", type=int_in(1), default=8, help="packed rows per optimizer step")
-    g.add_argument("--micro-batch", type=int_in(1), help="rows per forward pass (default: --batch-size)")
+    g.add_argument("--micro-batch", type=int_in(1), help="rows per forward pass on each rank (default: --batch-size / "
+                   "world size)")
     g.add_argument("--stop-at", type=int_in(1), help="stop after this step with a checkpoint, as if interrupted")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float_in(0, lo_open=True), default=2e-5, help="peak learning rate")
@@ -118,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=int_in(1), default=10, help="stop after this many non-finite steps in a row")
     g.add_argument("--samples", type=int_in(0), default=2, help="validation prompts answered in the report")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("parallel layout (under torchrun; --dp-shard x --ep = world size)")
+    g.add_argument("--dp-shard", type=int_in(1), help="FSDP2 degree of the routed experts (default: world size / --ep)")
+    g.add_argument("--ep", type=int_in(1), default=1, help="expert parallelism: routed experts split over this many "
+                   "ranks")
     return p
 
 
@@ -134,7 +154,7 @@ def check_args(a: argparse.Namespace) -> argparse.Namespace:
         raise RunError("give --epochs or --tokens, not both")
     if a.epochs is None and a.tokens is None:
         a.epochs = 2.0
-    a.micro_batch = a.micro_batch or a.batch_size
+    a.micro_batch = a.micro_batch or max(1, a.batch_size // torchrun_world()[1])  # per rank
     if a.batch_size % a.micro_batch:
         raise RunError(f"--batch-size {a.batch_size} must be a multiple of --micro-batch {a.micro_batch}")
     return a
@@ -144,16 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     a = parser.parse_args(argv)
-    try:
-        with claim_run_dir(a.out, "sft"), Interrupts() as stop:
+    rank, world, _ = torchrun_world()
+    try:  # under torchrun, rank 0 holds the run directory for all ranks
+        with claim_run_dir(a.out, "sft") if rank == 0 else contextlib.nullcontext(), Interrupts() as stop:
             return sft(a, explicit_flags(parser, argv), stop)
     except (DataError, ConfigError, CheckpointError, DeviceError, RunError, ValueError) as e:
-        print(f"nanoseek sft: error: {e}", file=sys.stderr)
+        print(f"{f'[rank {rank}] ' if world > 1 else ''}nanoseek sft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nanoseek sft: interrupted; the newest checkpoint is "
               f"{latest_checkpoint(a.out / 'checkpoints') or 'none (nothing was saved)'}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 def file_sha256(path: Path) -> str:
@@ -169,9 +192,10 @@ def file_sha256(path: Path) -> str:
 
 def load_start(a: argparse.Namespace, resume_from: Path | None, device: torch.device):
     """(model, tokenizer, tokenizer dir): the resumed checkpoint, the given one, or a fresh preset."""
-    if resume_from is not None:
-        return Transformer.from_pretrained(resume_from, dtype=torch.float32, device=device), \
-            Tokenizer.from_dir(resume_from), resume_from
+    if resume_from is not None:  # a sharded checkpoint's weights are read after parallelize
+        model = (Transformer(ModelArgs.from_json(resume_from / "config.json")).to(device) if is_sharded(resume_from)
+                 else Transformer.from_pretrained(resume_from, dtype=torch.float32, device=device))
+        return model, Tokenizer.from_dir(resume_from), resume_from
     if a.model is not None:
         model_dir = resolve_model_dir(a.model)
         candidates = [a.tokenizer] if a.tokenizer else [model_dir, model_dir / "tokenizer"]
@@ -234,6 +258,9 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         for k in ("out", "model", "tokenizer", "data", "val"):
             v = getattr(a, k)
             setattr(a, k, None if v is None else Path(v))
+        for flag, default in (("dp_shard", None), ("ep", 1)):
+            if flag not in explicit:  # the layout belongs to this launch: a run resumes at any world size
+                setattr(a, flag, default)
     elif a.resume and a.data is None:
         raise RunError(f"nothing to resume in {ckpt_root} (no checkpoint yet); pass --model/--data to start a run")
     elif (ckpt_root / "latest").exists():
@@ -241,7 +268,9 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                        f"another --out")
     a = check_args(a)
 
-    device = resolve_device(a.device)
+    d = init_distributed(str(resolve_device(a.device)))  # one process: no process group; torchrun: a GPU per rank
+    device = d.device
+    quiet_other_ranks(d)
     bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     model, tokenizer, _ = load_start(a, resume_from, device)
@@ -249,10 +278,14 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         to_fp8_training(model)
     precision = "fp8" if a.precision == "fp8" else "bf16" if bf16 else "fp32"
     model.train()
+    layout = check_layout(d.world_size, a.dp_shard, a.ep, 1, model.args, a.micro_batch, a.batch_size)
+    if a.precision == "fp8" and layout.ep > 1:
+        raise RunError("--precision fp8 does not combine with --ep yet: the expert-parallel experts run their own "
+                       "grouped GEMMs (use --ep 1, or bf16)")
     # Checkpoints copy the tokenizer from a directory that holds nothing else (a model dir would
     # overwrite the new weights with the old ones).
     tok_dir = a.out / "tokenizer"
-    if resume_from is None:
+    if resume_from is None and d.is_main:
         tokenizer.save(tok_dir)
     if a.seq_len > model.args.max_position_embeddings:
         raise RunError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
@@ -296,17 +329,33 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         for p in model.mtp.parameters():  # not in the loss: no gradient, no update, no weight decay
             p.requires_grad_(False)
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = adamw(named, a.lr, (a.beta1, a.beta2), a.weight_decay, a.adam_moments)
+    def trainable():
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    # A one-process checkpoint resumed under torchrun: its moments, read now into the plain model, are
+    # sharded into the parallel optimizer below. Then FSDP2 / expert parallelism from outside the model.
+    plain_state = None
+    if resume_from is not None and d.enabled and not is_sharded(resume_from):
+        plain_state = full_optimizer_state(resume_from, model, adamw(trainable(), a.lr, (a.beta1, a.beta2),
+                                                                     a.weight_decay, a.adam_moments, fused=False))
+    mesh = build_mesh(layout, d)
+    dp, dp_rank = (mesh["dp"].size(), mesh["dp"].get_local_rank()) if mesh is not None else (1, 0)
+    parallelize(model, mesh, bf16=bf16)
+    named = trainable()
+    optimizer = adamw(named, a.lr, (a.beta1, a.beta2), a.weight_decay, a.adam_moments, fused=not d.enabled)
+    if plain_state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, plain_state, options=StateDictOptions(full_state_dict=True))
     step, tokens, nonfinite, seconds_before = 0, 0, 0, 0.0
-    log = JsonlLog(a.out / "metrics.jsonl")
+    log = JsonlLog(a.out / "metrics.jsonl", enabled=d.is_main)
     if resume_from is not None:
-        state = load_trainer_state(resume_from, model, optimizer)
+        state = load_run_state(resume_from, model, optimizer, moments_loaded=plain_state is not None)
         step, tokens, nonfinite, seconds_before = state["step"], state["tokens"], state["nonfinite"], state["seconds"]
         log.truncate_after(step)
         print(f"resumed from {resume_from} at step {step} of {total_steps}")
     else:
-        log.path.write_text("")
+        log.truncate_after(-1)
     print(f"sft: {len(convs)} conversations ({sum(len(c[0]) for c in convs):,} tokens) -> {len(rows)} packed rows of "
           f"{a.seq_len} -> {total_steps} steps of {a.batch_size} rows; {len(val)} held out; "
           f"{model.num_params() / 1e6:.2f}M params on {device}")
@@ -321,6 +370,9 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                      "seconds": seconds_before + train_seconds, "data_sha256": hashes,
                      "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
         with stop.critical():
+            if d.enabled:  # sharded: each rank writes its own part
+                return save_run_checkpoint(ckpt_root, step, model, optimizer, model.args, run_state, tok_dir,
+                                           a.keep_last)
             return save_checkpoint(ckpt_root, step, model, optimizer, run_state, tokenizer_dir=tok_dir,
                                    keep_last=a.keep_last)
 
@@ -331,24 +383,38 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     params = [p for _, p in named]
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=a.quiet, dynamic_ncols=True, mininterval=1.0)
     train_seconds = 0.0
-    loop = StepLoop("sft", a, stop, checkpoint, ckpt_root, bar, step, resume_from is not None)
+    loop = StepLoop("sft", a, stop, checkpoint, ckpt_root, bar, step, resume_from is not None,
+                    together=lambda flag: any_rank(flag, d))
     with loop.running(rewind=lambda: optimizer.zero_grad(set_to_none=True)):
-        while step < total_steps and not stop.requested:
+        while step < total_steps and not (stop.requested and not d.enabled):
             t0 = time.perf_counter()
             batch_rows = rows[step * a.batch_size:(step + 1) * a.batch_size]
-            micro = [pack(convs, a.seq_len, r) for r in _chunks(batch_rows, a.micro_batch)]
-            n_loss = sum(b.loss_tokens for b in micro)
-            n_data = sum(int((b.doc_ids >= 0).sum()) for b in micro)  # conversation tokens, padding excluded
+            # this rank's rows (round-robin), in as many micro-batches as every other rank runs
+            mine = _chunks(batch_rows[dp_rank::dp], a.micro_batch)
+            n_micro = math.ceil(math.ceil(len(batch_rows) / dp) / a.micro_batch)
+            micro = [pack(convs, a.seq_len, r) for r in mine + [batch_rows[:1]] * (n_micro - len(mine))]
+            n_loss, n_data = agree([sum(b.loss_tokens for b in micro[:len(mine)]),  # conversation tokens,
+                                    sum(int((b.doc_ids >= 0).sum()) for b in micro[:len(mine)])], d, "sum")
+            n_loss, n_data = int(n_loss), int(n_data)                                # padding excluded
             lr = sched.lr_at(step, step)
             sums, counts = torch.zeros(2, device=device), None  # ce, mtp (summed over loss tokens)
-            for b in micro:
+            for i, b in enumerate(micro):
                 b = b.to(device)
-                with amp():
-                    parts = sft_loss(model, b, a.mtp_lambda if use_mtp else 0.0, normalizer=max(n_loss, 1))
+                with amp():  # each rank: its tokens over the global count, x dp (FSDP averages over ranks)
+                    parts = sft_loss(model, b, a.mtp_lambda if use_mtp else 0.0, normalizer=max(n_loss, 1) / dp)
+                if i >= len(mine):  # a stand-in: the collectives run, nothing counts
+                    (parts.total * 0.0).backward()
+                    counts = torch.zeros_like(parts.counts) if counts is None else counts
+                    continue
                 parts.total.backward()
                 sums += torch.stack([parts.ce_sum, parts.mtp_sum]).float()
                 counts = parts.counts if counts is None else counts + parts.counts
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
+            if d.enabled:  # global norm over shards on different meshes; global sums and loads
+                grad_norm = clip_grad_norm_(params, a.grad_clip)
+                sums = torch.tensor(agree(sums.tolist(), d, "sum"), device=device)
+                counts = global_counts(counts)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip or float("inf")).item()
             ce, mtp = (sums / max(n_loss, 1)).tolist()
             bad = not (math.isfinite(ce) and math.isfinite(mtp) and math.isfinite(grad_norm))
             with stop.critical():
@@ -374,12 +440,16 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     code = loop.finish(step)
     if code is not None:
         return code
+    if d.enabled and d.is_main:  # the sharded checkpoint also in the HF layout, for generate / serve / transformers
+        export_hf(latest_checkpoint(ckpt_root), latest_checkpoint(ckpt_root))
 
     # --- final evaluation, samples, report ---------------------------------------------------------------
     final = run_eval()
+    samples = show_samples(model, tokenizer, val, a.samples)  # every rank: FSDP/EP forwards
+    if not d.is_main:
+        return 0
     records = read_jsonl(log.path)
     first = next(r for r in records if r["kind"] == "val")
-    samples = show_samples(model, tokenizer, val, a.samples)
     seconds = seconds_before + train_seconds
     summary = {"start": str(a.model or f"random {a.init_preset}"), "steps": step, "tokens": tokens,
                "conversations": len(convs), "val_conversations": len(val), "skipped_rows": skipped.count,

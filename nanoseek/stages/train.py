@@ -6,6 +6,7 @@
     nanoseek train --data DATA --out OUT2 --resume-from OUT --extend-context 1024 --steps 50   # YaRN stage
     nanoseek train --data DATA --out OUT3 --resume-from OUT --dsa-warmup --steps 50 --lr 1e-3  # V3.2 stage 1
     torchrun --nproc-per-node 4 -m nanoseek train --data DATA --out OUT --steps 300 --ep 2   # EP=2 x FSDP=2
+    torchrun --nproc-per-node 2 -m nanoseek train --data DATA --out OUT --steps 300 --pp 2   # 2 pipeline stages
     python -m nanoseek.stages.train --help
 
 The recipe is DeepSeek-V3's (report §4.2), scaled by flags to small runs: AdamW (β 0.9/0.95,
@@ -52,9 +53,11 @@ Design choices:
 - One process per run directory (a lock on OUT/.lock); Ctrl-C / SIGTERM finish the step, save it
   and exit 130 / 143 (nanoseek/train/run.py).
 - Under torchrun (nanoseek/parallel/): --batch-size stays the global batch and --micro-batch is per
-  rank, so the same command is the same run at any world size; the layout (--dp-shard x --ep,
+  rank, so the same command is the same run at any world size; the layout (--pp x --dp-shard x --ep,
   checked against the world size) is applied from outside the model by `parallelize` (FSDP2,
-  expert parallelism); rank 0 alone prints and writes logs and reports; checkpoints are sharded
+  expert parallelism) and `build_pipeline` (stages, torch's 1F1B or DualPipeV schedule; evaluation
+  forward-only through the stages; samples from the exported checkpoint on rank 0); rank 0 alone
+  prints and writes logs and reports; checkpoints are sharded
   (torch.distributed.checkpoint, each rank writes its shards) and --resume reads them at any world
   size or layout, one process included; the final checkpoint is also exported in the HF layout.
 """
@@ -81,9 +84,11 @@ from nanoseek.model import PRESETS, ConfigError, Transformer, preset
 from nanoseek.model.args import ModelArgs, parse_overrides
 from nanoseek.model.indexer import set_sparse
 from nanoseek.model.rope import extend_context
-from nanoseek.parallel import (agree, build_mesh, check_layout, clip_grad_norm_, global_counts, init_distributed,
-                               parallelize, quiet_other_ranks, shutdown, torchrun_world)
-from nanoseek.parallel.checkpoint import export_hf, is_sharded, load_sharded, save_run_checkpoint
+from nanoseek.parallel import (agree, any_rank, build_mesh, check_layout, clip_grad_norm_, global_counts,
+                               init_distributed, parallelize, quiet_other_ranks, shutdown, torchrun_world)
+from nanoseek.parallel.checkpoint import (export_hf, full_optimizer_state, is_sharded, load_run_state,
+                                         save_run_checkpoint)
+from nanoseek.parallel.pipeline import SCHEDULES, build_pipeline
 from nanoseek.parallel.step import mean_over_ranks
 from nanoseek.quant.training import adamw, to_fp8_training
 from nanoseek.train import schedule as V3
@@ -96,13 +101,13 @@ from nanoseek.train.run import (Interrupts, RunError, StepLoop, apply_update, cl
                                resume_args)
 from nanoseek.train.sample import sample
 from nanoseek.train.schedule import Schedule
-from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
+from nanoseek.train.state import latest_checkpoint, read_trainer_state, save_checkpoint
 
 # Flags a resumed run may take from its command line when typed (they cannot change the training
 # numbers); every other setting comes from the saved run, and typing a different value is an error.
 FREE_ON_RESUME = {"data", "tokenizer", "out", "resume", "device", "compile", "max_minutes", "stop_at", "eval_every",
                   "eval_batches", "save_every", "keep_last", "samples", "max_nonfinite", "quiet",
-                  "dp_shard", "ep", "activation_checkpoint", "micro_batch"}  # layout and accumulation: rounding only
+                  "dp_shard", "ep", "pp", "pp_schedule", "activation_checkpoint", "micro_batch"}  # layout and accumulation: rounding only
 FINAL_SECONDS = 20  # what a --max-minutes run keeps for its final evaluation, samples and report
 PROMPTS = ["import os\n", "def __init__(self", "class ", "    for i in range("]
 FIM_EXAMPLE = ("def add(a, b):\n    ", "\n\n\nprint(add(1, 2))\n")
@@ -186,11 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=int_in(1), default=10, help="stop after this many non-finite steps in a row")
     g.add_argument("--samples", type=int_in(0), default=len(PROMPTS), help="completions printed at the end (+1 FIM)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("parallel layout (under torchrun; --dp-shard x --ep = world size)")
+    g = p.add_argument_group("parallel layout (under torchrun; --pp x --dp-shard x --ep = world size)")
     g.add_argument("--dp-shard", type=int_in(1), help="FSDP2 degree of the routed experts (default: world size / --ep); "
                    "dense weights are sharded over all dp-shard x ep data-parallel ranks")
     g.add_argument("--ep", type=int_in(1), default=1, help="expert parallelism: routed experts split over this many "
                    "ranks, tokens moved by all-to-all (V3: 64)")
+    g.add_argument("--pp", type=int_in(1), default=1, help="pipeline parallelism: the layers cut into stages over this "
+                   "many ranks, --micro-batch rows per micro-batch (V3: 16)")
+    g.add_argument("--pp-schedule", choices=SCHEDULES, default="1f1b", help="1f1b: one stage per rank; dualpipev: "
+                   "DeepSeek-V3's bidirectional schedule folded into a V (2 stages per rank: needs 2 x --pp layers "
+                   "and micro-batches)")
     g.add_argument("--activation-checkpoint", action="store_true", help="recompute each block in the backward")
     return p
 
@@ -209,13 +219,22 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 def complete_args(a: argparse.Namespace) -> argparse.Namespace:
     """Defaults that depend on other flags, and the checks between flags (after a resume merged them)."""
-    a.micro_batch = a.micro_batch or max(1, a.batch_size // torchrun_world()[1])  # per rank: the global batch split
+    # A pipeline needs at least one micro-batch per stage in every step (its data-parallel ranks: world / pp).
+    stages = 1 if a.pp == 1 else a.pp * (2 if a.pp_schedule == "dualpipev" else 1)
+    dp = max(1, torchrun_world()[1] // a.pp)
+    a.micro_batch = a.micro_batch or max(1, a.batch_size // (dp * stages))  # per rank: the global batch split
     if a.batch_start is None:
-        a.batch_start = max(a.micro_batch, round(a.batch_size * V3.V3_BATCH_START_RATIO))
+        a.batch_start = max(a.micro_batch * (dp * stages if stages > 1 else 1),
+                            round(a.batch_size * V3.V3_BATCH_START_RATIO))
     if a.batch_size % a.micro_batch:
         raise RunError(f"--batch-size {a.batch_size} must be a multiple of --micro-batch {a.micro_batch}")
     if a.batch_start > a.batch_size:
         raise RunError(f"--batch-start {a.batch_start} must not exceed --batch-size {a.batch_size}")
+    if stages > 1 and a.batch_start < a.micro_batch * dp * stages:
+        raise RunError(f"--pp {a.pp} with {a.pp_schedule} runs {stages} stages: every step needs at least {stages} "
+                       f"micro-batches per data-parallel rank, so --batch-start (and --batch-size) must be at least "
+                       f"{a.micro_batch * dp * stages} (--micro-batch {a.micro_batch} x {dp} ranks x {stages}); got "
+                       f"--batch-start {a.batch_start}")
     return a
 
 
@@ -248,7 +267,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
         for flag in ("stop_at", "max_minutes"):  # limits of one invocation, not settings of the run (a
             if flag not in explicit:             # minutes budget is fixed in tokens by now)
                 setattr(a, flag, None)
-        for flag, default in (("dp_shard", None), ("ep", 1), ("activation_checkpoint", False)):
+        for flag, default in (("dp_shard", None), ("ep", 1), ("pp", 1), ("pp_schedule", "1f1b"),
+                              ("activation_checkpoint", False)):
             if flag not in explicit:  # the layout belongs to this launch: a run resumes at any world size
                 setattr(a, flag, default)
         a.data, a.out, a.tokenizer = Path(a.data), Path(a.out), a.tokenizer and Path(a.tokenizer)
@@ -318,7 +338,14 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                                model_vocab_size=model.args.vocab_size)
     val_shards = TokenShards(a.data, "val", tokenizer_vocab_size=tokenizer.vocab_size,
                              model_vocab_size=model.args.vocab_size)
-    layout = check_layout(d.world_size, a.dp_shard, a.ep, 1, model.args, a.micro_batch, a.batch_size)
+    layout = check_layout(d.world_size, a.dp_shard, a.ep, a.pp, model.args, a.micro_batch, a.batch_size)
+    if layout.pp > 1:  # what the pipeline stages do not carry yet: one line, every rank, before any collective
+        for flag, bad in (("--precision fp8", a.precision == "fp8"), ("--aux-alpha", a.aux_alpha > 0),
+                          ("a deepseek_v32 model (DSA stages)", model.args.dsa),
+                          ("--pp-schedule dualpipev on fewer than 2 x --pp layers",
+                           a.pp_schedule == "dualpipev" and model.args.num_hidden_layers < 2 * layout.pp)):
+            if bad:
+                raise RunError(f"--pp {layout.pp} does not combine with {flag}")
     if a.precision == "fp8" and a.compile:
         raise RunError("--compile does not combine with --precision fp8 yet: inductor (torch 2.13, CPU) fails on "
                        "the FP8 tile quantisation; drop one of them")
@@ -340,20 +367,26 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     # name), are sharded into the parallel optimizer below.
     plain_state = None
     if resume_from is not None and d.enabled and not is_sharded(resume_from):
-        plain_state = plain_optimizer_state(resume_from, model, a)
+        plain_state = full_optimizer_state(resume_from, model, adamw(model.named_parameters(), a.lr, (a.beta1, a.beta2),
+                                                                     a.weight_decay, a.adam_moments, fused=False))
     # Compiled from outside the model: attention and the dense / shared-expert FFNs. The routed
     # experts stay eager: torch 2.13 traces grouped_mm in bf16 only. (On 2 CPU cores this buys
     # ~10% per step after ~1.5 minutes of compiling: worth it for long runs only.) Under torchrun,
     # also expert parallelism and FSDP2 (nanoseek/parallel/parallelize.py).
-    parallelize(model, mesh, bf16=bf16, activation_checkpoint=a.activation_checkpoint, compile=a.compile)
+    # With --pp this rank keeps only its stages (`trained`: their parameters under the model's names);
+    # the whole `model` stays for its config and the FLOP count.
+    flags = dict(bf16=bf16, activation_checkpoint=a.activation_checkpoint, compile=a.compile)
+    pipe = build_pipeline(model, mesh, a.micro_batch, seq_len, schedule=a.pp_schedule, mtp_lambda=a.mtp_lambda,
+                          seq_alpha=a.seq_alpha, **flags) if layout.pp > 1 else None
+    trained = pipe.module if pipe is not None else parallelize(model, mesh, **flags)
 
     # --- optimizer: weight decay on matrices only (norm gains stay undecayed, as in nanoGPT) ----------
-    named = list(model.named_parameters())
+    named = list(trained.named_parameters())
     optimizer = adamw(named, a.lr, (a.beta1, a.beta2), a.weight_decay, a.adam_moments, fused=not d.enabled)
     if plain_state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, plain_state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(trained, optimizer, plain_state, options=StateDictOptions(full_state_dict=True))
 
     # --- throughput ceiling and model FLOPs --------------------------------------------------------
     # The ceiling is re-measured at every validation and the best kept: a neighbour's job during
@@ -362,14 +395,9 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     flops_tok = flops_per_token(model, seq_len, mtp=has_mtp)
 
     # --- state: fresh or restored --------------------------------------------------------------------
-    log = JsonlLog(a.out / "metrics.jsonl") if d.is_main else _NoLog()
+    log = JsonlLog(a.out / "metrics.jsonl", enabled=d.is_main)
     if resume_from is not None:
-        if is_sharded(resume_from):
-            state = load_sharded(resume_from, model, optimizer)
-        elif plain_state is not None:
-            state = read_trainer_state(resume_from)
-        else:
-            state = load_trainer_state(resume_from, model, optimizer)
+        state = load_run_state(resume_from, trained, optimizer, moments_loaded=plain_state is not None)
         loader.load_state_dict(state["loader"])
         step, tokens, total_tokens = state["step"], state["tokens"], state["total_tokens"]
         nonfinite, elapsed_before = state["nonfinite"], state["train_seconds"]
@@ -384,7 +412,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
             total_tokens = a.steps * a.batch_size * seq_len
         else:
             with dsa.paused() if dsa else contextlib.nullcontext():
-                total_tokens = budget_from_minutes(a, model, seq_len, device, amp, t_start)
+                total_tokens = budget_from_minutes(a, model, seq_len, device, amp, t_start, pipe)
             total_tokens = int(agree([total_tokens], d, "min")[0])  # every rank the same budget
     sched = Schedule(total_tokens=total_tokens, lr=a.lr, warmup_steps=a.warmup_steps, decay_start=a.decay_start,
                      decay_end=a.decay_end, tail_switch=a.tail_switch, batch_size=a.batch_size,
@@ -400,7 +428,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     def run_eval() -> dict:
         batches = eval_batches(val_shards, a.micro_batch, seq_len, max_batches=a.eval_batches)
         with dsa.paused() if dsa else contextlib.nullcontext():
-            loss, counts = evaluate(model, batches, autocast)
+            loss, counts = pipe.evaluate(list(batches)) if pipe else evaluate(model, batches, autocast)
         rec = {"kind": "val", "step": step, "tokens": tokens, "val_loss": loss,
                "val_bpb": val_shards.bits_per_byte(loss) if val_shards.bytes_per_token else None,
                "val_maxvio": max_vio(counts).tolist()}
@@ -414,15 +442,13 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
                      "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
         with stop.critical():
             if d.enabled:  # sharded: each rank writes its own part
-                return save_run_checkpoint(ckpt_root, step, model, optimizer, model.args, run_state, tok_dir,
+                return save_run_checkpoint(ckpt_root, step, trained, optimizer, model.args, run_state, tok_dir,
                                            a.keep_last)
             return save_checkpoint(ckpt_root, step, model, optimizer, run_state, tokenizer_dir=tok_dir,
                                    keep_last=a.keep_last)
 
     def together(flag: bool) -> bool:
-        """The same branch on every rank (true when any rank's flag is): one rank leaving the loop
-        alone would leave the others waiting in a collective."""
-        return agree([float(flag)], d)[0] > 0 if d.enabled else flag
+        return any_rank(flag, d)
 
     # --- the loop --------------------------------------------------------------------------------------
     # A signal sets stop.requested: the step in flight finishes, a checkpoint of it is written and the
@@ -462,20 +488,30 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
             lr, lam, gamma = sched.lr_at(step, tokens), sched.mtp_lambda_at(tokens), sched.gamma_at(tokens)
             accum = batch // (a.micro_batch * dp)  # micro-batches per rank
             losses, counts = torch.zeros(5, device=device), None  # ce, mtp, balance, indexer KL, kept mass
-            for _ in range(accum):
-                inputs, targets = (t.to(device, non_blocking=True) for t in next(loader))
-                with amp(), torch.no_grad() if a.dsa_warmup else contextlib.nullcontext():
-                    parts = training_loss(model, inputs, targets, lam if has_mtp else 0.0, a.seq_alpha, a.aux_alpha)
-                st = dsa.pop() if dsa is not None else None
-                kl, kept = (st.kl, st.kept_mass) if st is not None else (0.0, 0.0)
-                # the warm-up learns from the indexer KL alone; the sparse stage adds it (its own graph)
-                ((kl if a.dsa_warmup else parts.total + kl) / accum).backward()
-                losses += torch.stack([parts.ce, parts.mtp, parts.balance, torch.as_tensor(kl).detach().float(),
-                                       torch.tensor(kept)])
-                counts = parts.counts if counts is None else counts + parts.counts
+            if pipe is not None:  # the schedule runs this rank's micro-batches through its stages
+                rows = [next(loader) for _ in range(accum)]
+                pipe.mtp_lambda = lam if has_mtp else 0.0
+                local, counts = pipe.forward_backward(torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows]),
+                                                      accum)
+                losses[:3] += local.to(device) * accum  # its means over the micro-batches -> sums, as below
+                counts = counts.to(device)
+            else:
+                for _ in range(accum):
+                    inputs, targets = (t.to(device, non_blocking=True) for t in next(loader))
+                    with amp(), torch.no_grad() if a.dsa_warmup else contextlib.nullcontext():
+                        parts = training_loss(model, inputs, targets, lam if has_mtp else 0.0, a.seq_alpha, a.aux_alpha)
+                    st = dsa.pop() if dsa is not None else None
+                    kl, kept = (st.kl, st.kept_mass) if st is not None else (0.0, 0.0)
+                    # the warm-up learns from the indexer KL alone; the sparse stage adds it (its own graph)
+                    ((kl if a.dsa_warmup else parts.total + kl) / accum).backward()
+                    losses += torch.stack([parts.ce, parts.mtp, parts.balance, torch.as_tensor(kl).detach().float(),
+                                           torch.tensor(kept)])
+                    counts = parts.counts if counts is None else counts + parts.counts
             if d.enabled:  # global norm over shards on different meshes; global means and loads
                 grad_norm = clip_grad_norm_(params, a.grad_clip)
-                losses, counts = mean_over_ranks(losses), global_counts(counts) if counts is not None else None
+                # (with --pp each rank holds part of the sums: ce/mtp on the last stage, each stage its balance)
+                losses = mean_over_ranks(losses) * layout.pp
+                counts = global_counts(counts) if counts is not None else None
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")).item()
             ce, mtp, bal, kl, kept = (losses / accum).tolist()  # one host sync per step
@@ -521,13 +557,17 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     if code is not None:
         return code
     stop_reason = loop.stop_reason
+    exported = None
     if d.enabled and d.is_main:  # the sharded checkpoint also in the HF layout, for generate / serve / transformers
-        export_hf(latest_checkpoint(ckpt_root), latest_checkpoint(ckpt_root))
+        exported = export_hf(latest_checkpoint(ckpt_root), latest_checkpoint(ckpt_root)).to(device)
 
     # --- final evaluation, samples, report --------------------------------------------------------------
     final = run_eval()
     peak = max(peak, d.world_size * measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32))
-    samples = show_samples(model, tokenizer, a.samples) if a.samples else []  # every rank: FSDP/EP forwards
+    if pipe is not None:  # generation needs the whole model: rank 0 samples from the exported one
+        samples = show_samples(exported, tokenizer, a.samples) if a.samples and d.is_main else []
+    else:
+        samples = show_samples(model, tokenizer, a.samples) if a.samples else []  # every rank: FSDP/EP forwards
     if not d.is_main:
         return 0
     records = read_jsonl(log.path)
@@ -578,46 +618,28 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     return 0
 
 
-class _NoLog:
-    """Ranks other than 0 write no metrics (rank 0 logs the global values)."""
-
-    def write(self, rec: dict) -> None:
-        pass
-
-    def truncate_after(self, step: int) -> None:
-        pass
-
-
-def plain_optimizer_state(path: Path, model: Transformer, a: argparse.Namespace) -> dict:
-    """A one-process checkpoint's AdamW moments as full tensors by parameter name, read into the plain
-    model before parallelize (set_optimizer_state_dict then shards them)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": a.weight_decay},
-         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}], lr=a.lr, betas=(a.beta1, a.beta2))
-    load_trainer_state(path, model, optimizer)
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-
-
-def budget_from_minutes(a, model, seq_len, device, amp, t_start) -> int:
+def budget_from_minutes(a, model, seq_len, device, amp, t_start, pipe=None) -> int:
     """Turn --max-minutes into a token budget: time forward+backward on random tokens (the weights
-    are untouched: gradients are dropped), leave ~8% for evaluation and the optimizer."""
+    are untouched: gradients are dropped), leave ~8% for evaluation and the optimizer. With a
+    pipeline, one schedule step over its minimum number of micro-batches."""
     gen = torch.Generator().manual_seed(a.seed)
-    ids = torch.randint(0, model.args.vocab_size, (a.micro_batch, seq_len + 1), generator=gen).to(device)
+    rows = a.micro_batch * (pipe.n_stages if pipe is not None else 1)
+    ids = torch.randint(0, model.args.vocab_size, (rows, seq_len + 1), generator=gen).to(device)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        with amp():
-            parts = training_loss(model, ids[:, :-1], ids[:, 1:], a.mtp_lambda, a.seq_alpha, a.aux_alpha)
-        if parts.total.requires_grad:  # not in a --dsa-warmup (the main model is frozen)
-            parts.total.backward()
+        if pipe is not None:
+            pipe.forward_backward(ids[:, :-1], ids[:, 1:], pipe.n_stages)
+        else:
+            with amp():
+                parts = training_loss(model, ids[:, :-1], ids[:, 1:], a.mtp_lambda, a.seq_alpha, a.aux_alpha)
+            if parts.total.requires_grad:  # not in a --dsa-warmup (the main model is frozen)
+                parts.total.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    rate = a.micro_batch * seq_len / min(times[1:])
+    rate = rows * seq_len / min(times[1:])
     left = a.max_minutes * 60 - (time.perf_counter() - t_start)
     total = int(rate * left * 0.92)
     print(f"budget: {rate:,.0f} tokens/s measured -> {total:,} tokens in {left / 60:.1f} min")

@@ -44,10 +44,12 @@ def max_vio(counts: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def update_bias(model: Transformer, counts: torch.Tensor, gamma: float) -> None:
-    """b_i += γ·sign(mean_load − load_i) for every noaux_tc gate. counts: [L, E] from `expert_counts`."""
+    """b_i += γ·sign(mean_load − load_i) for every noaux_tc gate. counts: [L, E] from `expert_counts`:
+    every MoE layer, or the main layers only (a forward without MTP: the MTP routers stay as they are)."""
     gates = moe_gates(model)
-    if len(gates) != counts.shape[0]:
-        raise ValueError(f"counts cover {counts.shape[0]} MoE layers, the model has {len(gates)}")
+    main = sum(isinstance(getattr(b.mlp, "gate", None), Gate) for b in model.layers)
+    if counts.shape[0] not in (len(gates), main):
+        raise ValueError(f"counts cover {counts.shape[0]} MoE layers, the model has {len(gates)} ({main} main)")
     for gate, load in zip(gates, counts):
         if gate.e_score_correction_bias is None:
             continue  # V2 gates (softmax, greedy) have no balancing bias

@@ -70,14 +70,16 @@ class JsonlLog:
     """Append-only JSONL, one record per line, flushed each write (a crash loses at most one line).
 
     `truncate_after(step)` drops records past a step: a resumed run rewrites what it repeats.
+    enabled=False writes nothing (under torchrun, ranks other than 0: rank 0 logs the global values).
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
@@ -85,6 +87,8 @@ class JsonlLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
