@@ -46,7 +46,7 @@ def worker(cfg: dict) -> dict:
     from nanoseek.model import Transformer, preset
     from nanoseek.model.args import parse_overrides
     from nanoseek.parallel import build_mesh, check_layout, init_distributed, parallelize
-    from nanoseek.parallel.expert import a2a_bytes_per_layer
+    from nanoseek.parallel.expert import ExpertParallel, a2a_bytes_per_layer
     from nanoseek.parallel.parallelize import a2a_rows
     from nanoseek.parallel.step import train_step
 
@@ -88,7 +88,8 @@ def worker(cfg: dict) -> dict:
             torch.cuda.synchronize()
         if step >= cfg["warmup"]:
             times.append(time.perf_counter() - t0)
-    moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_hidden_layers + args.num_nextn_predict_layers))
+    # the MoE layers this rank holds (with a pipeline: its stages' only; rank 0 reports)
+    moe_layers = sum(isinstance(m, ExpertParallel) for m in model.modules()) if ep > 1 else 0
     elem = 2 if bf16 else 4
     formula = moe_layers * (rows // cfg["micro"]) * a2a_bytes_per_layer(
         cfg["micro"] * cfg["seq"], args.num_experts_per_tok, args.hidden_size, ep, elem) if ep > 1 else 0.0

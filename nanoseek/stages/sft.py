@@ -297,11 +297,11 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         raise RunError(f"the data changed since {resume_from} was saved (sha256 of --data/--val differ): an "
                        f"exact resume needs the same files")
     convs, skipped = read_chat_jsonl(a.data, tokenizer, a.seq_len + 1, a.too_long, a.skip_bad_rows)
-    if skipped.summary():
+    if skipped.summary() and d.is_main:  # (every rank reads the data: one report)
         print(skipped.summary(), file=sys.stderr)
     if a.val is not None:
         val, vskipped = read_chat_jsonl(a.val, tokenizer, a.seq_len + 1, a.too_long, a.skip_bad_rows)
-        if vskipped.summary():
+        if vskipped.summary() and d.is_main:
             print(vskipped.summary(), file=sys.stderr)
     else:
         order = list(range(len(convs)))
@@ -381,7 +381,8 @@ def sft(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     if first_val is not None:
         print(f"step 0: val loss {first_val:.4f} on assistant tokens")
     params = [p for _, p in named]
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=a.quiet, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=a.quiet or not d.is_main, dynamic_ncols=True,
+               mininterval=1.0)
     train_seconds = 0.0
     loop = StepLoop("sft", a, stop, checkpoint, ckpt_root, bar, step, resume_from is not None,
                     together=lambda flag: any_rank(flag, d))
