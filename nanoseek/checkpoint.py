@@ -270,11 +270,7 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
     known = params.keys() | fp8_slots.keys()
 
     for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
-        with handle as f:
+        with open_shard(file) as f:
             keys = set(f.keys())
             names = keys | set(weight_map or ())  # this shard's tensors and, through the index, the others'
             for name in sorted(keys):
@@ -324,12 +320,25 @@ def load(path, dtype: torch.dtype | str | None = None, device: str | torch.devic
                         dst = p[expert, start:stop] if stop is not None else p[expert]
                         _check_shape(file, name, t.shape, dst.shape)
                         dst.copy_(t.to(p.dtype))
+    check_complete(path, expected, seen)
+    model.inv_freq.copy_(inv_frequencies(args)[0])  # non-persistent buffer: not in the file
+    return model.eval()
+
+
+def check_complete(path: Path, expected: set[str], seen: set[str]) -> None:
+    """CheckpointError naming (the first five of) the expected tensors that no file held."""
     missing = sorted(expected - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
-    model.inv_freq.copy_(inv_frequencies(args)[0])  # non-persistent buffer: not in the file
-    return model.eval()
+
+
+def open_shard(file: Path):
+    """safe_open(file) (memory-mapped), or CheckpointError naming the file."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
 
 
 def route(file: Path, name: str, names: set[str], args: ModelArgs, known) -> tuple | str | None:

@@ -59,11 +59,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 
-from ..checkpoint import (FP8_DTYPES, CheckpointError, _check_shape, default_dtype, dequantize_fp8,
-                          internal_to_hf, load, read_layout, route, weight_block)
+from ..checkpoint import (FP8_DTYPES, CheckpointError, _check_shape, check_complete, default_dtype, dequantize_fp8,
+                          internal_to_hf, load, open_shard, read_layout, route, weight_block)
 from ..model.args import ModelArgs
 from ..model.layers import MLP
 from ..model.mla import MLA
@@ -383,11 +383,7 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
     seen: set[str] = set()
     known = params.keys() | fp8_slots.keys()
     for file in files:  # one file mapped at a time: its pages leave this rank's memory when it closes
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
-        with handle as f:
+        with open_shard(file) as f:
             keys = set(f.keys())
             names = keys | set(weight_map or ())
             for name in sorted(keys):
@@ -425,10 +421,7 @@ def _load_part(path: Path, dtype, device: torch.device, rank: int, world: int) -
                         expert, start, stop_row = sub
                         dst = p[expert - first, start:stop_row] if stop_row is not None else p[expert - first]
                         dst.copy_(t.to(p.dtype))
-    missing = sorted(expected - seen)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
+    check_complete(path, expected, seen)
     model.inv_freq.copy_(inv_frequencies(args)[0])  # non-persistent buffer: not in the file
     _rank0_only_biases(model, rank)
     return model.eval()
@@ -456,7 +449,7 @@ def _read(file, f, weight_map, name, sl, keys, part, block, keep_fp8: bool):
                 return _narrow(f.get_slice(scale_name), rows)
             if scale_name in (weight_map or {}):
                 # Real checkpoints are sharded by size: a scale can sit in another shard than its weight.
-                with safe_open(str(weight_map[scale_name]), framework="pt", device="cpu") as other:
+                with open_shard(weight_map[scale_name]) as other:
                     return _narrow(other.get_slice(scale_name), rows)
             raise CheckpointError(f"{file}: FP8 tensor {name!r} has no {scale_name}")
 
@@ -466,6 +459,8 @@ def _read(file, f, weight_map, name, sl, keys, part, block, keep_fp8: bool):
             dim, start, stop = part
             return _narrow(sl, part), scales((dim, start // block[dim], -(-stop // block[dim])))
         return _dequantize_part(sl, scales, part, block), None
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
     except ValueError as e:
