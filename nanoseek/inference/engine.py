@@ -45,7 +45,7 @@ import torch
 
 from ..model.indexer import set_fp8_keys
 from .decode import Decoder
-from .prefill import groups, prefill_group
+from .prefill import default_chunk, groups, prefill_group
 from .request import Request, RequestFailed, StepEvent, check_prompt
 from .sampling import SamplingParams, logprobs, probabilities, sample
 from .speculative import AutoSpeculation
@@ -60,7 +60,8 @@ class Engine:
     and text deltas; speculative: "auto" (default: speculate with the MTP modules while it is
     faster; plain decoding for a checkpoint without them), "mtp" (always) or None (never) — the
     mode `step` uses, which `generate`/`stream` may override; absorbed: decode attention path
-    (False re-expands the cache: for testing); prefill_chunk: tokens per prefill forward;
+    (False re-expands the cache: for testing); prefill_chunk: tokens per prefill forward (None:
+    as many as memory allows, `prefill.default_chunk`);
     compile: True / False force torch.compile of the decode step on / off; None (default):
     automatic (see the module docstring), and the environment variable NANOSEEK_COMPILE=1 / 0
     sets that default to on / off; fp8_index_keys: (deepseek_v32) cache the indexer's keys in FP8
@@ -74,7 +75,7 @@ class Engine:
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_seq_len: int = 4096, tokenizer=None,
-                 speculative: str | None = "auto", absorbed: bool = True, prefill_chunk: int = 2048,
+                 speculative: str | None = "auto", absorbed: bool = True, prefill_chunk: int | None = None,
                  compile: bool | None = None, fp8_index_keys: bool | None = None, record_routing: bool = False,
                  record_sampling_mask: bool = False):
         args = model.args
@@ -86,7 +87,7 @@ class Engine:
         self.model = model.eval()
         self.args, self.tokenizer = args, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk or default_chunk(args, model.embed_tokens.weight.dtype)
         self.depth = len(model.mtp)
         if fp8_index_keys is None:  # the released model's format on GPUs; exact keys on CPU
             fp8_index_keys = model.embed_tokens.weight.device.type == "cuda"

@@ -45,7 +45,9 @@ def prefill_mtp(model, hidden: torch.Tensor, ids: torch.Tensor, start: int, mtp_
     prev = hidden
     for k, module in enumerate(model.mtp, start=1):
         emb = model.embed_tokens(ids[:, start + k : start + k + T])
-        prev, _ = module(prev, emb, cos, sin, mtp_cache[k - 1], positions, start + T, absorbed=False)
+        # the first chunk attends within itself: plain causal attention (see MLA.forward)
+        prev, _ = module(prev, emb, cos, sin, mtp_cache[k - 1], positions if start else None, start + T,
+                         absorbed=False)
 
 
 def window(newest: torch.Tensor, depth: int) -> torch.Tensor:

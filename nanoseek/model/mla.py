@@ -158,7 +158,8 @@ class MLA(nn.Module):
         """x [B, T, hidden] -> [B, T, hidden].
 
         Without `cache`: causal attention over the T tokens (naive path unless `absorbed=True`).
-        With `cache` [B, S, kv_lora_rank + qk_rope_head_dim (+ indexer key under DSA)] (each row
+        With `cache` and `positions=None`: the T tokens are positions 0..T-1 of every row (a prompt's
+        first chunk); their rows are written, and attention is as without a cache. With `cache` [B, S, kv_lora_rank + qk_rope_head_dim (+ indexer key under DSA)] (each row
         [norm(c_KV) ; rotated k_R (; indexer key)]) and `positions` LongTensor[B, T]: the new rows are
         written at their positions, then each query attends to cache rows [0, its position] among the
         first `kv_len` rows (default S). Rows past a sequence's position are masked, so stale slots
@@ -171,6 +172,15 @@ class MLA(nn.Module):
         q_nope, q_rope, latent, k_rope, q_resid = self.project(x, cos, sin)
         B, T, _ = x.shape
         idx = self.indexer
+        if cache is not None and positions is None:
+            # The first chunk of every sequence (positions 0..T-1): write its rows, then attend
+            # within the chunk exactly as without a cache. Plain causal attention runs SDPA's fused
+            # kernel with is_causal; the cached path's explicit mask would not (4x slower at 4096).
+            row = torch.cat([latent, k_rope], dim=-1).to(cache.dtype)
+            if idx is not None:
+                row = torch.cat([row, idx.to_cache(idx.key(x, cos, sin), cache.dtype)], dim=-1)
+            cache[:, :T] = row
+            cache = None
         if cache is None:
             if isinstance(mask, Spans) and (absorbed or (idx is not None and self.sparse and T > idx.topk)):
                 mask = mask.dense(x.device)

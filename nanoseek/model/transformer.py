@@ -146,7 +146,8 @@ class Transformer(nn.Module):
 
         input_ids [B, T]; positions [B, T] absolute positions (default 0..T-1); cache: one
         LayerCache per main layer (extra entries for MTP layers are ignored here), written
-        at `positions` (see MLA.forward); mtp: also run the MTP modules over this chunk (training);
+        at `positions` (see MLA.forward; positions=None with a cache: the prompts' first chunk,
+        plain causal attention over it); mtp: also run the MTP modules over this chunk (training);
         logits=False skips the output head, for the main model and MTP (callers that need only
         some positions, or a loss that fuses the head with the cross-entropy); doc_ids [B, T] (no
         cache): several documents packed in a row, attention stays causal within each (pass their
@@ -158,6 +159,7 @@ class Transformer(nn.Module):
         the last block's FFN, the final norm and the head run on those only; hidden is [1, N, hidden].
         """
         B, T = input_ids.shape
+        first_chunk = cache is not None and positions is None  # see MLA.forward
         mask = None
         if doc_lens is not None:
             if B != 1 or sum(doc_lens) != T or cache is not None or mtp or doc_ids is not None:
@@ -178,8 +180,8 @@ class Transformer(nn.Module):
         routing: list[Routing] = []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, cos, sin, None if cache is None else cache[i], positions, kv_len, absorbed, mask,
-                         keep if i == last else None)
+            x, r = layer(x, cos, sin, None if cache is None else cache[i], None if first_chunk else positions, kv_len,
+                         absorbed, mask, keep if i == last else None)
             if r is not None:
                 routing.append(r)
         hidden = self.norm(x)
