@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.inference import Engine
-from nanoseek.inference.compiled import CompileRecord
+from nanoseek.inference.aot import Flat, Package
+from nanoseek.inference.compiled import CompiledSteps, CompileRecord
 from nanoseek.model import Transformer, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,10 +35,12 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 model = Transformer(preset("tiny", **json.loads({shape!r})))
 engine = Engine(model, max_batch_size=1, max_seq_len=24)
+at_init = engine.stats["compiled"]
 engine.warmup()
 out = engine.generate([{prompt!r}], max_new_tokens=6, ignore_eos=True)
-print(json.dumps(dict(out=out, compiled=engine.stats["compiled"], **{{k: dict(v) for k, v in counters.items()
-                      if k in ("inductor", "aot_autograd")}})))
+print(json.dumps(dict(out=out, compiled=engine.stats["compiled"], at_init=at_init, graphs=counters["stats"]["unique_graphs"],
+                      packages={{k: v is not None for k, v in engine.steps.loaded.items()}},
+                      **{{k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}})))
 """
 SHAPE = dict(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=1, vocab_size=256,
              max_position_embeddings=64)
@@ -58,15 +61,19 @@ def run_process() -> dict:
 
 
 def test_disk_cache_is_reused_by_a_second_process():
-    """A second process's warm-up loads every compiled graph from the disk cache: no FX-graph or
-    AOTAutograd cache miss, so neither inductor nor the C++ compiler runs again."""
+    """A second process loads the batch-1 AOTInductor packages the first one built (so its default
+    engine compiles from the first step): no FX-graph or AOTAutograd cache miss, so neither Dynamo,
+    inductor nor the C++ compiler runs again. (Batch > 1 graphs are torch.compile's, whose own
+    disk cache the other tests share.)"""
     first = run_process()  # compiles (cold unless an earlier test compiled this shape)
     assert first["compiled"]
+    assert first["packages"] == {"decode step": True, "speculative step": True}
     second = run_process()
     assert second["compiled"] and second["out"] == first["out"]
-    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1
-    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0
-    assert second["aot_autograd"].get("autograd_cache_miss", 0) == 0
+    assert second["at_init"] and second["packages"] == first["packages"]
+    assert second["graphs"] == 0  # nothing traced by Dynamo
+    assert second.get("inductor", {}).get("fxgraph_cache_miss", 0) == 0  # nothing compiled
+    assert second.get("aot_autograd", {}).get("autograd_cache_miss", 0) == 0
 
 
 def test_default_engine_compiles_and_gives_the_eager_tokens(monkeypatch):
@@ -77,7 +84,8 @@ def test_default_engine_compiles_and_gives_the_eager_tokens(monkeypatch):
     want = Engine(model, max_batch_size=1, max_seq_len=24, compile=False).generate(
         [PROMPT], max_new_tokens=6, ignore_eos=True)
     engine = Engine(model, max_batch_size=1, max_seq_len=24)
-    assert not engine.stats["compiled"]  # automatic: eager until compiling pays
+    # automatic: eager until compiling pays, unless the compiled packages are on disk already
+    assert engine.stats["compiled"] == engine.steps.warm
     engine.warmup()  # plain and speculative graphs: the engine's mode is "auto"
     assert engine.stats["compiled"]
     assert engine.generate([PROMPT], max_new_tokens=6, ignore_eos=True) == want
@@ -110,6 +118,8 @@ def test_compiling_that_cannot_work_falls_back_to_eager(monkeypatch, caplog):
         raise RuntimeError("simulated compiler crash")
 
     monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    monkeypatch.setattr(Package, "load", lambda self: None)  # no AOTInductor package either
+    monkeypatch.setattr(Package, "build", lambda self, example: None)
     torch._dynamo.reset()
     with caplog.at_level(logging.WARNING, logger="nanoseek"):
         engine = Engine(model, max_batch_size=1, max_seq_len=24, compile=True)
@@ -118,6 +128,35 @@ def test_compiling_that_cannot_work_falls_back_to_eager(monkeypatch, caplog):
     assert not engine.stats["compiled"]
     lines = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert len(lines) == 1 and "running it eagerly" in lines[0]
+    torch._dynamo.reset()
+
+
+def test_a_bad_package_costs_one_line_and_never_fails(tmp_path, caplog):
+    """A corrupt package file is reported in one line and not used (the engine then builds it anew);
+    a package that fails at run time falls back to torch.compile with one line, same output."""
+    model = compiled_shape()
+    bad = tmp_path / "decode-step.pt2"
+    bad.write_bytes(b"not a zip file")
+    package = Package(Flat(model, lambda x: x), bad, [{}], "decode step")
+    with caplog.at_level(logging.WARNING, logger="nanoseek"):
+        assert package.exists and package.load() is None
+    assert len(caplog.records) == 1 and str(bad) in caplog.records[0].getMessage()
+    caplog.clear()
+
+    class Broken:  # loads, then fails when called
+        exists = True
+
+        def load(self):
+            return lambda x: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+
+    steps = CompiledSteps({"double": lambda x: 2 * x}, model, "on", torch.device("cpu"),
+                          {"double": (Broken(), lambda x: (x,))})
+    x = torch.arange(3.0)
+    with caplog.at_level(logging.WARNING, logger="nanoseek"):
+        assert torch.equal(steps.call("double", True, x), 2 * x)
+        assert torch.equal(steps.call("double", True, x), 2 * x)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "double package" in lines[0] and "shape mismatch" in lines[0]
     torch._dynamo.reset()
 
 

@@ -13,6 +13,7 @@ import torch
 from nanoseek.data import train_bpe
 from nanoseek.inference import Engine, ReasoningParser, SamplingParams, chat_prompt, split_reasoning
 from nanoseek.inference import speculative as spec
+from nanoseek.inference.aot import Package
 from nanoseek.inference.sampling import draw, probabilities
 from nanoseek.inference.text import TextStream
 from nanoseek.model import Transformer, preset
@@ -553,19 +554,26 @@ def test_compiled_speculative_decoding_matches_eager(monkeypatch):
     compiled = Engine(model, max_batch_size=1, max_seq_len=40, compile=True, speculative="mtp")
     calls = dict.fromkeys(compiled.steps.compiled, 0)  # "decode step" (verify), "MTP draft step", "speculative step"
     fused_checked = []
-    for name, fn in list(compiled.steps.compiled.items()):
-        def counted(*args, _fn=fn, _name=name, **kwargs):
-            calls[_name] += 1
-            out = _fn(*args, **kwargs)
-            if _name == "speculative step":  # the fused graph's drafts, checked like check_drafts does
+
+    def counting(fn, name):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            out = fn(*args, **kwargs)
+            if name == "speculative step":  # the fused graph's drafts, checked like check_drafts does
                 for req, d in zip(compiled.running, out[0].tolist()):
                     seq = req.prompt + req.tokens
                     want = model.run(torch.tensor([seq]), mtp=True).mtp_logits[0][0, len(seq) - 2]
                     assert int(want.argmax()) == d[0]
                     fused_checked.append(1)
             return out
+        return counted
 
-        compiled.steps.compiled[name] = counted
+    for name, fn in list(compiled.steps.compiled.items()):  # torch.compile'd
+        compiled.steps.compiled[name] = counting(fn, name)
+    for method in ("load", "build"):  # batch 1 greedy: the AOTInductor package (nanoseek.inference.aot)
+        real = getattr(Package, method)
+        monkeypatch.setattr(Package, method, lambda self, *a, _real=real: (
+            None if (run := _real(self, *a)) is None else counting(run, self.what)))
     checked = check_drafts(monkeypatch, model)
     for temperature in (0.0, 1e-6):
         events = list(compiled.stream(PROMPTS[1], max_new_tokens=12, ignore_eos=True, logprobs=2,

@@ -13,6 +13,8 @@ Design choices:
   ~/.cache/nanoseek/inductor ($XDG_CACHE_HOME respected), not inductor's /tmp default that a
   reboot wipes. A second process still traces the Python code with Dynamo (~1-5 s per graph on the
   2-core dev machine) but compiles nothing: inductor and its C++ compiler are skipped.
+* **Batch 1 ahead of time.** The calls a batch-1 decode makes are AOTInductor packages instead
+  (aot.py): loaded without any tracing, so a warm start costs ~0.1 s rather than seconds.
 * **Costs remembered.** `CompileRecord` keeps, per model shape / dtype / device / torch version,
   the seconds the last warm-up took (`compile_s`) in <cache dir>/nanoseek-compile.json. The
   engine's automatic mode uses it as the price of compiling: a known shape (warm cache) is cheap.
@@ -153,22 +155,44 @@ class CompiledSteps:
     choices made in hindsight, and compiles almost at once when the disk cache is warm.
     `call(name, *args)` runs the compiled function (or the eager one), falling back to eager for
     good, with one logged line, if compiling raises.
+
+    packages: {name: (aot.Package, flat)} where flat(*args) gives the call's flat tensors when an
+    AOTInductor package serves it (batch 1), else None. Compiled calls it serves load the package
+    (building it the first time); when every package is on disk already (a warm start: loading
+    costs ~0.1 s, less than a few eager steps) the automatic mode compiles from the first step.
     """
 
-    def __init__(self, eager: dict, model, mode: str, device: torch.device):
+    def __init__(self, eager: dict, model, mode: str, device: torch.device, packages: dict | None = None):
         assert mode in ("on", "off", "auto"), mode
         self.eager, self.mode, self.device = eager, mode, device
         self.compiled: dict | None = None
         self.record = CompileRecord(model) if mode != "off" else None
+        self.packages = packages or {}
+        self.loaded: dict = {}  # name -> the loaded package, or None where it could not be had
         self.eager_s = 0.0  # eager decode seconds so far (auto mode's rent)
-        self.compile_s = 0.0  # seconds spent in calls that compiled a graph
+        self.compile_s = 0.0  # seconds spent in calls that compiled a graph (or built / loaded a package)
         self.just_compiled = False  # a call compiled a graph since the engine reset this (no timing sample)
+        # A warm start compiles at once, but only the calls a package serves (batch 1) until
+        # compiling the rest pays: torch.compile still traces for seconds, even from a warm cache.
+        # (compiled = {}: no torch.compile wrappers yet, which would import Dynamo and inductor.)
+        self.partial = False
         if mode == "on":
             self.enable()
+        elif mode == "auto" and self.warm:
+            self.compiled, self.partial = {}, True
+
+    @property
+    def warm(self) -> bool:
+        """Every AOTInductor package is on disk (there is at least one)."""
+        return bool(self.packages) and all(package.exists for package, _ in self.packages.values())
 
     @property
     def active(self) -> bool:
         return self.compiled is not None
+
+    def covers(self, rows: int) -> bool:
+        """Does a decode step over `rows` requests run compiled (where its graph fits)?"""
+        return self.compiled is not None and (rows == 1 or not self.partial)
 
     @property
     def price(self) -> float:
@@ -179,16 +203,17 @@ class CompiledSteps:
         """Count an eager decode step; in auto mode compile once the rent reaches the price.
         Returns True when compiling was switched on now."""
         self.eager_s += seconds
-        if self.mode == "auto" and self.compiled is None and self.eager_s >= self.price:
+        if self.mode == "auto" and (self.compiled is None or self.partial) and self.eager_s >= self.price:
             return self.enable()
         return False
 
     def enable(self) -> bool:
         """Compile from now on (lazily, at each new shape). False (and one logged line) if it cannot work."""
-        if self.compiled is None and self.mode != "off":
+        self.partial = False
+        if not self.compiled and self.mode != "off":
             fns = {name: compile_fn(fn, name, self.device) for name, fn in self.eager.items()}
             if any(f is None for f in fns.values()):
-                self.mode = "off"
+                self.compiled, self.mode = None, "off"
                 return False
             self.compiled = fns
         return self.compiled is not None
@@ -196,6 +221,19 @@ class CompiledSteps:
     def call(self, name: str, use_compiled: bool, *args, **kwargs):
         """eager[name] or compiled[name](*args, **kwargs); a compile error falls back to eager for good."""
         if not use_compiled or self.compiled is None:
+            return self.eager[name](*args, **kwargs)
+        if name in self.packages:
+            flat = self.packages[name][1](*args, **kwargs)
+            run = None if flat is None else self._package(name, flat)
+            if run is not None:
+                try:
+                    return run(*flat)
+                except Exception as e:  # e.g. a package built for other shapes: torch.compile from now on
+                    text = str(e).strip()
+                    log.warning("nanoseek: the compiled %s package failed (%s: %s); using torch.compile for it",
+                                name, type(e).__name__, text.splitlines()[0][:200] if text else "")
+                    self.loaded[name] = None
+        if self.partial:  # a warm start: what no package serves stays eager until compiling pays
             return self.eager[name](*args, **kwargs)
         graphs, t0 = _graphs(), time.perf_counter()
         try:
@@ -211,3 +249,20 @@ class CompiledSteps:
             self.compile_s += time.perf_counter() - t0
             self.record.save(self.compile_s)
         return out
+
+    def _package(self, name: str, flat: tuple):
+        """The loaded AOTInductor package for `name`: loaded from disk, or built from `flat` the first
+        time; None (torch.compile then) where neither works. Its seconds count as compiling."""
+        if name not in self.loaded:
+            package, _ = self.packages[name]
+            t0 = time.perf_counter()
+            run = package.load()
+            built = run is None
+            if built:
+                run = package.build(flat)
+            self.loaded[name] = run
+            self.just_compiled = True
+            self.compile_s += time.perf_counter() - t0
+            if built:  # the price of compiling; loading is not (a warm start compiles at once anyway)
+                self.record.save(self.compile_s)
+        return self.loaded[name]

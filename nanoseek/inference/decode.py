@@ -16,6 +16,8 @@ Design choices, with the measurements behind them (the `small` preset, 2-core CP
   eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). It is used
   while the step's tokens fit the MoE's gathered-experts path; larger batches run eagerly (fp32
   grouped GEMMs cannot be traced on CPU, and a graph broken around them measured slower).
+* At batch 1 the compiled decode and greedy speculative steps are AOTInductor packages on disk
+  (`aot.py`, `_packages`), which a later process loads in ~0.1 s instead of tracing for seconds.
 * A greedy speculative step (MTP draft + verify, `speculative.greedy_step`) is one compiled graph.
   With speculative="auto", plain steps keep each request's newest main hidden states; when
   speculation turns on, the MTP cache rows the plain steps skipped are written first (`catch_up`).
@@ -29,7 +31,8 @@ import torch
 
 from . import speculative as spec
 from .cache import LatentCache
-from .compiled import CompiledSteps
+from .aot import Flat, Package
+from .compiled import CompiledSteps, CompileRecord, cache_dir
 from .request import Request, per_row
 
 # speculative="auto": MTP cache rows a request may fall behind in plain steps before catching up.
@@ -61,7 +64,39 @@ class Decoder:
         self.catch_up_s = 0.0  # seconds spent in `catch_up` since the engine reset this
         self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step,
                                     "speculative step": self._greedy_speculative_step}, model, compile_mode,
-                                   self.device)
+                                   self.device, self._packages() if compile_mode != "off" else None)
+
+    def _packages(self) -> dict:
+        """The batch-1 decode and greedy speculative steps as AOTInductor packages (aot.py): name ->
+        (Package, flat(*call args) -> the package's tensors, or None for a call it does not serve)."""
+        model, absorbed, L = self.model, self.absorbed, self.args.num_hidden_layers
+
+        def decode(ids, positions, *cache):
+            out = model.run(ids, positions=positions, cache=list(cache), kv_len=cache[0].shape[1], absorbed=absorbed)
+            return out.logits, out.hidden
+
+        def decode_flat(ids, positions, cache, kv_len):  # a batch-1 decode step over every cache row
+            return (ids, positions, *cache) if ids.shape == (1, 1) and kv_len == cache[0].shape[1] else None
+
+        def speculative(prev, tokens, positions, newest, *caches):
+            S = caches[0].shape[1]
+            return spec.greedy_step(model, prev, tokens, positions, newest, list(caches[:L]), list(caches[L:]), S, S,
+                                    absorbed)
+
+        def speculative_flat(prev, tokens, positions, newest, cache, mtp_cache, kv_len, verify_kv_len):
+            whole = kv_len == verify_kv_len == cache[0].shape[1]
+            return (prev, tokens, positions, newest, *cache, *mtp_cache) if prev.shape[0] == 1 and whole else None
+
+        def package(name, fn, flat, n_fixed, n_cache):
+            key = CompileRecord(model, tag=f"aoti|{name}|absorbed={absorbed}").key
+            path = cache_dir() / "aoti" / f"{name.replace(' ', '-')}-{key}.pt2"
+            dynamic = [{}] * n_fixed + [{1: "cache_len"}] * n_cache  # one package for every max_seq_len
+            return Package(Flat(model, fn), path, dynamic, name), flat
+
+        out = {"decode step": package("decode step", decode, decode_flat, 2, L)}
+        if self.depth:
+            out["speculative step"] = package("speculative step", speculative, speculative_flat, 4, L + self.depth)
+        return out
 
     def add_mtp_cache(self) -> None:
         if self.mtp_cache is None:
@@ -95,8 +130,8 @@ class Decoder:
         fp32 F.grouped_mm breaks the graph on CPU and the broken graph measured slower than eager."""
         return tokens * self.args.num_experts_per_tok <= self.args.n_routed_experts or self.dtype == torch.bfloat16
 
-    def _compiled(self, tokens: int) -> bool:
-        return self.steps.active and self.graph_fits(tokens)
+    def _compiled(self, rows: int, tokens: int) -> bool:
+        return self.steps.covers(rows) and self.graph_fits(tokens)
 
     def _kv_len(self, compiled: bool, needed: int) -> int:
         """Cache rows attention reads: just what is needed in eager mode; all of them when compiled,
@@ -106,7 +141,7 @@ class Decoder:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, needed: int):
         """The decode/verify forward over cache rows 0..n-1, compiled or eager; `needed`: rows in use.
         ids, positions [n, T] -> (logits [n, T, V], hidden [n, T, hidden])."""
-        compiled = self._compiled(ids.numel())
+        compiled = self._compiled(ids.shape[0], ids.numel())
         return self.steps.call("decode step", compiled, ids, positions, self.cache.rows(0, ids.shape[0]),
                                self._kv_len(compiled, needed))
 
@@ -160,7 +195,7 @@ class Decoder:
         tokens = torch.tensor([[r.token_at(p) for p in range(r.pos - W, r.pos + 1)] + [0] * D for r in reqs],
                               device=self.device)  # positions newest-W .. newest+D
         hidden = torch.stack([r.hidden for r in reqs])
-        compiled = self._compiled(positions.numel())
+        compiled = self._compiled(n, positions.numel())
         most = max(r.pos for r in reqs)
         if compiled and all(r.params.greedy for r in reqs):  # draft and verify in one compiled call
             kv = self._kv_len(compiled, most)

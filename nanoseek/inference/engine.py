@@ -186,12 +186,15 @@ class Engine:
         """Compile the decode step now rather than during the first requests (unless compile=False
         or compiling cannot work here): a few tokens at batch 1 and at batch 2, since torch.compile
         specialises batch 1 and serves every larger batch with one dynamic-size graph; in plain and
-        speculative mode when the engine's mode is "auto". With a warm disk cache this loads the
-        compiled artefacts rather than compiling them."""
+        speculative mode when the checkpoint has MTP modules. Batch 1 builds the ahead-of-time
+        packages (aot.py). With a warm disk cache this loads the compiled artefacts rather than
+        compiling them."""
         if not self.steps.enable():
             return
         length = min(4, self.max_seq_len // 2)  # prompt and new tokens both fit any max_seq_len >= 2
-        modes = [None, "mtp"] if self.speculative == "auto" else [self.speculative]
+        # both modes whenever the checkpoint has MTP modules, so that every ahead-of-time package
+        # exists afterwards (a warm start of any engine of this shape then compiles at once)
+        modes = [None, "mtp"] if self.depth else [None]
         for mode in modes:
             for n in sorted({1, min(2, self.max_batch_size)}):
                 self.generate([[0] * length] * n, max_new_tokens=length, ignore_eos=True, speculative=mode)
@@ -253,7 +256,7 @@ class Engine:
                 # catching the MTP cache up is the price of switching, not of a speculative step
                 self.auto.record(n, speculate, seconds - self.decoder.catch_up_s, len(new) / n)
             # rent for the automatic compile: eager steps that a compiled graph would have run
-            if not self.steps.active and self.decoder.graph_fits(n) and self.steps.after_eager_step(seconds):
+            if not self.steps.covers(n) and self.decoder.graph_fits(n) and self.steps.after_eager_step(seconds):
                 self.auto = AutoSpeculation()  # compiled steps cost differently: measure again
             self._stats["decode_s"] += seconds
             self._stats["decode_tokens"] += len(new)
