@@ -13,7 +13,6 @@ import torch
 from nanoseek.data import train_bpe
 from nanoseek.inference import Engine, ReasoningParser, SamplingParams, chat_prompt, split_reasoning
 from nanoseek.inference import speculative as spec
-from nanoseek.inference.aot import Package
 from nanoseek.inference.sampling import draw, probabilities
 from nanoseek.inference.text import TextStream
 from nanoseek.model import Transformer, preset
@@ -533,6 +532,7 @@ def test_compiled_decode_matches_eager():
     prompts = [PROMPTS[0], PROMPTS[1]]
     eager = Engine(model, max_batch_size=2, max_seq_len=40)
     compiled = Engine(model, max_batch_size=2, max_seq_len=40, compile=True)
+    compiled.steps.packages = {}  # torch.compile at batch 1 too (AOTInductor packages: test_engine_speed.py)
     want = eager.generate(prompts, max_new_tokens=8, ignore_eos=True)
     compiled.warmup()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -552,28 +552,22 @@ def test_compiled_speculative_decoding_matches_eager(monkeypatch):
     eager = Engine(model, max_batch_size=1, max_seq_len=40, compile=False)
     plain = list(eager.stream(PROMPTS[1], max_new_tokens=12, ignore_eos=True, logprobs=2, speculative=None))
     compiled = Engine(model, max_batch_size=1, max_seq_len=40, compile=True, speculative="mtp")
+    compiled.steps.packages = {}  # torch.compile at batch 1 too (AOTInductor packages: test_engine_speed.py)
     calls = dict.fromkeys(compiled.steps.compiled, 0)  # "decode step" (verify), "MTP draft step", "speculative step"
     fused_checked = []
-
-    def counting(fn, name):
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            out = fn(*args, **kwargs)
-            if name == "speculative step":  # the fused graph's drafts, checked like check_drafts does
+    for name, fn in list(compiled.steps.compiled.items()):
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            calls[_name] += 1
+            out = _fn(*args, **kwargs)
+            if _name == "speculative step":  # the fused graph's drafts, checked like check_drafts does
                 for req, d in zip(compiled.running, out[0].tolist()):
                     seq = req.prompt + req.tokens
                     want = model.run(torch.tensor([seq]), mtp=True).mtp_logits[0][0, len(seq) - 2]
                     assert int(want.argmax()) == d[0]
                     fused_checked.append(1)
             return out
-        return counted
 
-    for name, fn in list(compiled.steps.compiled.items()):  # torch.compile'd
-        compiled.steps.compiled[name] = counting(fn, name)
-    for method in ("load", "build"):  # batch 1 greedy: the AOTInductor package (nanoseek.inference.aot)
-        real = getattr(Package, method)
-        monkeypatch.setattr(Package, method, lambda self, *a, _real=real: (
-            None if (run := _real(self, *a)) is None else counting(run, self.what)))
+        compiled.steps.compiled[name] = counted
     checked = check_drafts(monkeypatch, model)
     for temperature in (0.0, 1e-6):
         events = list(compiled.stream(PROMPTS[1], max_new_tokens=12, ignore_eos=True, logprobs=2,
