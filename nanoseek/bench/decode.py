@@ -44,6 +44,10 @@ second start sees (with warm batch-1 packages it compiles from its first step); 
 is shown apart (`first`). Per shape it also prints what compiling cost in this process and the
 break-even: the new tokens at batch 1 after which compiling has paid for itself.
 
+Under torchrun (`torchrun --nproc-per-node N -m nanoseek bench decode ...`) the one table is
+decoding on N ranks, with each rank's memory (bench/ranks.py); `--tables ranks` is the same table
+on one rank.
+
 MTP speculative decoding is measured at batch 1 against plain decoding of the same prompt:
 acceptance rate, tokens per step, decode tokens/s, the cost of one speculative step as a multiple
 of a plain step, and speculative="auto" (the default for an MTP checkpoint) against plain. On the random checkpoint the MTP head is
@@ -67,11 +71,14 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.bench import ranks
 from nanoseek.checkpoint import CheckpointError, resolve_model_dir
 from nanoseek.inference import Engine
+from nanoseek.inference.distributed import rank0_output
 from nanoseek.model import Transformer, preset
 from nanoseek.model.args import parse_overrides
 from nanoseek.model.indexer import key_cache_width
+from nanoseek.parallel.env import torchrun_world
 
 
 def parse_args(argv):
@@ -87,7 +94,8 @@ def parse_args(argv):
                    help="keep taking turns (up to 10 rounds) while a cell's rounds took less than this")
     p.add_argument("--peers", default="nanoseek,transformers")
     p.add_argument("--tables", default="decode,e2e,speculative",
-                   help="which tables: decode (decode-only tok/s), e2e (default settings end to end), speculative")
+                   help="which tables: decode (decode-only tok/s), e2e (default settings end to end), speculative; "
+                        "or ranks alone (1 rank here, N under torchrun, where it is the only table: bench/ranks.py)")
     p.add_argument("--e2e-shapes", default="tiny,wide", help=f"shapes of the e2e table ({', '.join(SHAPES)})")
     p.add_argument("--e2e-new-tokens", default="64,128")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -115,7 +123,11 @@ def parse_args(argv):
     a.tables = a.tables.split(",")
     a.e2e_shapes = a.e2e_shapes.split(",")
     a.e2e_new_tokens = [int(x) for x in a.e2e_new_tokens.split(",")]
-    unknown = [t for t in a.tables if t not in ("decode", "e2e", "speculative")] + [
+    if torchrun_world()[1] > 1:
+        a.tables = ["ranks"]
+    if "ranks" in a.tables and len(a.tables) > 1:
+        p.error("--tables ranks is a table of its own (launch it with and without torchrun)")
+    unknown = [t for t in a.tables if t not in ("decode", "e2e", "speculative", "ranks")] + [
         s for s in a.e2e_shapes if s not in SHAPES]
     if unknown:
         p.error(f"unknown table or shape: {', '.join(unknown)}")
@@ -415,7 +427,10 @@ def _mtp_prompt(a, model, path: Path | None) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    with rank0_output():
+        a = parse_args(argv)
+    if a.tables == ["ranks"]:
+        return ranks.main(a, cpu_pressure)
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = []

@@ -7,7 +7,10 @@
 
 With --model it starts `nanoseek serve` on a free loopback port (one engine slot per client of
 the largest level, plus --serve-args) and stops it afterwards; with --url it measures a server
-already running.
+already running. --nproc-per-node N starts that server on N ranks under torchrun (the multi-rank
+engine, nanoseek/inference/distributed.py); launched under torchrun itself
+(`torchrun --nproc-per-node N -m nanoseek bench serve --model DIR`), rank 0 does the same with N
+and the other ranks leave at once: the load generator is one process either way.
 Only loopback addresses are accepted: a load generator aimed elsewhere by a typo is an attack.
 
 The metrics are those of vLLM's benchmark_serving, per request then summarised:
@@ -84,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-args", default="",
                    help="extra `nanoseek serve` flags with --model, e.g. "
                         "--serve-args=\"--threads 1\"")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="with --model: serve on N ranks under torchrun (default: the torchrun world size this "
+                        "bench was launched with, else 1)")
     p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"))
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--out", type=Path, default=None, help="append one JSON line per level here")
@@ -96,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--concurrency: each level must be between 1 and 256 clients")
     if a.output_len < 2 or a.input_len < 1:
         p.error("--output-len must be at least 2 (TPOT needs two tokens), --input-len at least 1")
+    a.nproc_per_node = a.nproc_per_node or int(os.environ.get("WORLD_SIZE", 1))
+    if a.nproc_per_node < 1 or (a.nproc_per_node > 1 and a.model is None):
+        p.error("--nproc-per-node must be >= 1, and more than 1 needs --model (the bench starts that server)")
     if a.url is not None and not _is_loopback(urlparse(a.url).hostname or ""):
         p.error(f"--url {a.url}: only loopback servers (127.0.0.1, ::1, localhost) may be benchmarked")
     return a
@@ -266,9 +275,17 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", str(a.model), "--port", str(port),
            "--max-batch-size", str(max(a.levels)), "--max-queue", str(4 * max(a.levels)),
            "--log-level", "warning", *shlex.split(a.serve_args)]
+    env = dict(os.environ)
+    if a.nproc_per_node > 1:  # a torchrun job of its own: none of this bench's torchrun variables
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            master = s.getsockname()[1]
+        cmd[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc_per_node),
+                    "--master-port", str(master), "-m"]
+        env = {k: v for k, v in env.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
     if a.api_key:
         cmd += ["--api-key", a.api_key]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + a.start_timeout
     while time.monotonic() < deadline:
@@ -284,7 +301,14 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"nanoseek serve did not become ready within {a.start_timeout:.0f}s (--start-timeout)")
 
 
+# What torchrun sets for its workers (removed before starting the server's own torchrun job).
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: rank 0 runs the bench (and the server's ranks)
+        return 0
     a = parse_args(argv)
     proc = None
     if a.model is not None:
@@ -293,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         url = a.url.rstrip("/")
     try:
         print(f"bench serve: {url}, levels {a.levels}, {a.input_len}-word prompts, "
-              f"{a.output_len} output tokens", file=sys.stderr)
+              f"{a.output_len} output tokens, server on {a.nproc_per_node} rank(s)", file=sys.stderr)
         rows = asyncio.run(bench(url, a))
     finally:
         if proc is not None:
@@ -306,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is not None:
         with open(a.out, "a") as f:
             for row in rows:
-                f.write(json.dumps({"bench": "serve", "url": url, "input_len": a.input_len,
+                f.write(json.dumps({"bench": "serve", "url": url, "ranks": a.nproc_per_node, "input_len": a.input_len,
                                     "output_len": a.output_len, **row}) + "\n")
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 

@@ -181,8 +181,9 @@ class Decoder:
         req.hidden = req.hidden[extra:]
         self.catch_up_s += time.perf_counter() - t0
 
-    def speculative(self, reqs: list[Request]) -> tuple[list[list[int]], torch.Tensor, list]:
+    def speculative(self, reqs: list[Request], replicas=None) -> tuple[list[list[int]], torch.Tensor, list]:
         """Draft D tokens per request with the MTP modules, verify them in one main forward.
+        replicas: under torchrun (distributed.py), the drafts and the kept tokens are rank 0's on every rank.
 
         Returns (kept: per request its new tokens, the accepted drafts then the main model's own;
         logits [n, D+1, V] of the main model at newest .. newest+D; routing: per request its
@@ -206,10 +207,14 @@ class Decoder:
         else:
             drafts, qs = spec.draft(self._mtp_step(compiled), hidden, tokens, positions, newest,
                                     self.mtp_cache.rows(0, n), reqs, kv_len=self._kv_len(compiled, most))
+            if replicas is not None:  # the verify forward reads rank 0's drafts on every rank
+                tokens[:, W + 1:] = drafts = replicas.tokens(drafts)
             verify_ids = tokens[:, W:]  # newest token, then the drafts
             verify_pos = newest[:, None] + torch.arange(D + 1, device=self.device)
             logits, verify_hidden = self.forward(verify_ids, verify_pos, most + D + 1)
         kept = spec.accept(logits, drafts, qs, reqs)
+        if replicas is not None:
+            kept = replicas.token_lists(kept, D + 1)
         routing = per_row(self.routing, n) if self.record_routing else [None] * n
         both = torch.cat([hidden, verify_hidden], dim=1)  # main hidden at newest-W .. newest+D
         for i, (req, toks) in enumerate(zip(reqs, kept)):

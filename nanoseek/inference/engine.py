@@ -111,6 +111,8 @@ class Engine:
         self.auto = AutoSpeculation()
         self.set_speculative(speculative)
         self.reset_stats()
+        # Under torchrun: the Runtime (distributed.py) that makes every rank take rank 0's tokens and choices.
+        self.replicas = None
 
     # --- public state ------------------------------------------------------------------------
     @property
@@ -339,7 +341,7 @@ class Engine:
         reqs = self.running
         if any(r.hidden is None or (r.params.seed is not None and not r.params.greedy) for r in reqs):
             return False
-        if not self.auto.choose(len(reqs)):
+        if not self._agreed(self.auto.choose(len(reqs))):
             return False
         for row, r in enumerate(reqs):
             self.decoder.catch_up(row, r)
@@ -349,7 +351,7 @@ class Engine:
         """Draft D tokens per request with the MTP modules, verify them in one main forward; each
         request gets the drafts the main model agrees with, then one token of the main model's."""
         reqs = self.running
-        kept, logits, routing = self.decoder.speculative(reqs)
+        kept, logits, routing = self.decoder.speculative(reqs, self.replicas)
         events = []
         for i, (req, toks) in enumerate(zip(reqs, kept)):
             self._stats["drafted"] += self.depth
@@ -365,9 +367,15 @@ class Engine:
                     break
         return events
 
+    def _agreed(self, flag: bool) -> bool:
+        """A choice made from timings: rank 0's on every rank (`replicas`), else this engine's own."""
+        return flag if self.replicas is None else self.replicas.decide(flag)
+
     def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> list[StepEvent]:
         params = [r.params for r in reqs]
         ids = sample(logits, params, [r.generator for r in reqs])
+        if self.replicas is not None:  # rank 0's tokens on every rank
+            ids = self.replicas.tokens(ids)
         lp, top = logprobs(logits, ids, params)
         kept = [None] * len(reqs)
         if self.record_sampling_mask:  # the support `sample` drew from: the same function on the same logits
@@ -431,7 +439,10 @@ class Engine:
         return logits[list(range(len(unique))) + [s for _, s in copies]]
 
     def _fail(self, reqs: list[Request], error: Exception) -> list[StepEvent]:
-        """End `reqs` with finish_reason "error" (their rows are freed like finished ones)."""
+        """End `reqs` with finish_reason "error" (their rows are freed like finished ones). Across ranks
+        the error ends the process instead: the other ranks are inside the step's collectives."""
+        if self.replicas is not None:
+            raise error
         message = f"{type(error).__name__}: {error}"
         for r in reqs:
             r.finish_reason = "error"
@@ -441,7 +452,7 @@ class Engine:
         """Write the group's prompts into cache rows row.. and return logits [g, V] at each prompt's end."""
         g = len(group)
         # MTP state for speculation ("auto" skips it once speculation has lost at every batch size)
-        mtp = self.speculative == "mtp" or (self.speculative == "auto" and self.auto.wants_mtp)
+        mtp = self.speculative == "mtp" or (self.speculative == "auto" and self._agreed(self.auto.wants_mtp))
         mtp_cache = self.decoder.mtp_cache.rows(row, row + g) if mtp else None
         return prefill_group(self.model, group, self.cache.rows(row, row + g), mtp_cache, self.prefill_chunk,
                              self.record_routing)

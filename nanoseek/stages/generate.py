@@ -23,6 +23,11 @@ status 2, before anything is generated. A prompt that fits but leaves less room 
 all (a temporary file renamed into place). In --interactive, a line typed in another encoding
 is decoded with U+FFFD for the bad bytes (noted on stderr); Ctrl-C during a reply stops it,
 Ctrl-C (or end of input) at the prompt ends the session. Ctrl-C elsewhere exits with status 130.
+
+Under torchrun (`torchrun --nproc-per-node N -m nanoseek generate ...`) every rank loads its share of
+the model and runs the same engine steps (nanoseek/inference/distributed.py); rank 0 reads the
+prompts, prints and writes, and an error on any rank is one line from rank 0 and the same exit
+status on every rank.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from nanoseek.atomic import write_atomic
 from nanoseek.cli import float_in, int_in
 from nanoseek.device import DeviceError, resolve_device
 from nanoseek.inference import Engine, RequestFailed, SamplingParams, chat_prompt
+from nanoseek.inference.distributed import RankFailed, Runtime, load_model, rank0_output
+from nanoseek.parallel.env import torchrun_world
 
 # --interactive has no prompts to size the cache from; cap it here unless --max-seq-len says otherwise.
 INTERACTIVE_MAX_SEQ_LEN = 8192
@@ -113,25 +120,64 @@ def not_utf8(text: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    with rank0_output():
+        a = parse_args(argv)
     try:
-        prompts = read_prompts(a) if a.input_file else None
-        check_output(a.output)
-        model, tokenizer = load(a)
+        a.device = resolve_device(a.device)
+    except DeviceError as e:
+        return error_line(GenerateError(f"--device {e}"), 2, leader=torchrun_world()[0] == 0)
+    rt = Runtime.start(str(a.device))
+    code = run(a, rt)
+    rt.close(code)
+    return code
+
+
+def run(a, rt: Runtime) -> int:
+    """Everything after the flags; returns the exit status (every rank the same under torchrun)."""
+    try:
+        error, prompts = None, None
+        try:
+            if rt.leader:  # rank 0 alone reads and writes files
+                prompts = read_prompts(a) if a.input_file else None
+                check_output(a.output)
+        except GenerateError as e:
+            error = e
+        rt.check(error, 2)
+        model, tokenizer = load(a, rt)
+        if not rt.leader:
+            return rt.follow(model, tokenizer)
+        rt.lead()
         if a.interactive:
-            return interactive(a, model, tokenizer)
+            return interactive(a, rt, model, tokenizer)
         if a.prompt is not None:
-            return one_prompt(a, model, tokenizer)
-        return input_file(a, model, tokenizer, prompts)
+            return one_prompt(a, rt, model, tokenizer)
+        return input_file(a, rt, model, tokenizer, prompts)
     except GenerateError as e:
-        print(f"nanoseek generate: error: {e}", file=sys.stderr)
-        return 2
+        return error_line(e, 2, rt.leader)
+    except RankFailed as e:  # another rank's error (rank 0 prints it), or rank 0's (followers stay quiet)
+        return error_line(e, e.code, rt.leader)
     except RequestFailed as e:
         print(f"\nnanoseek generate: error: the engine failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nnanoseek generate: interrupted", file=sys.stderr)
+        if rt.leader:
+            print("\nnanoseek generate: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not rt.enabled:
+            raise
+        # a rank went away inside a step (its own error, a lost connection): every rank stops
+        rt.mark_broken()
+        print(f"[rank {rt.dist.rank}] nanoseek generate: error: {type(e).__name__}: {e}".splitlines()[0],
+              file=sys.stderr)
+        return 1
+
+
+def error_line(e: Exception, code: int, leader: bool) -> int:
+    """The one line on stderr (rank 0's; followers exit with the same status and say nothing)."""
+    if leader:
+        print(f"nanoseek generate: error: {e}", file=sys.stderr)
+    return code
 
 
 def read_prompts(a) -> list[tuple[int, str]]:
@@ -166,17 +212,24 @@ def check_output(path: Path | None) -> None:
         raise GenerateError(f"--output {path}: cannot write in {parent} (permission denied)")
 
 
-def load(a):
+def load(a, rt: Runtime):
+    """(model, tokenizer) on every rank; a failure on any rank is the same error on all (rt.check)."""
+    model = tokenizer = error = None
+    try:
+        model, tokenizer = load_here(a)
+    except Exception as e:  # one process: re-raised as it is by rt.check
+        error = e
+    rt.check(error, 2 if isinstance(error, GenerateError) else 1)
+    return model, tokenizer
+
+
+def load_here(a):
     import torch
 
     from nanoseek.checkpoint import CheckpointError, resolve_model_dir
     from nanoseek.data import DataError, Tokenizer
-    from nanoseek.model import ConfigError, Transformer
+    from nanoseek.model import ConfigError
 
-    try:
-        a.device = resolve_device(a.device)
-    except DeviceError as e:
-        raise GenerateError(f"--device {e}") from None
     try:
         a.model = resolve_model_dir(a.model)
     except CheckpointError as e:
@@ -189,7 +242,7 @@ def load(a):
     try:
         tokenizer = Tokenizer.from_dir(tok_dir)
         dtype = a.dtype if a.dtype in (None, "fp8") else getattr(torch, a.dtype)
-        model = Transformer.from_pretrained(a.model, dtype=dtype, device=a.device)
+        model = load_model(a.model, dtype=dtype, device=a.device)
     except (CheckpointError, ConfigError, DataError, OSError) as e:
         raise GenerateError(str(e)) from None
     if tokenizer.vocab_size > model.args.vocab_size:
@@ -239,23 +292,23 @@ def report(engine) -> None:
     print(line + "]", file=sys.stderr)
 
 
-def make_engine(a, model, tokenizer, batch: int, max_seq_len: int) -> Engine:
+def make_engine(a, rt: Runtime, model, tokenizer, batch: int, max_seq_len: int) -> Engine:
     try:
-        engine = Engine(model, max_batch_size=batch, max_seq_len=max_seq_len, tokenizer=tokenizer,
-                        speculative=None if a.speculative == "off" else a.speculative, compile=a.compile)
+        engine = rt.engine(model, max_batch_size=batch, max_seq_len=max_seq_len, tokenizer=tokenizer,
+                           speculative=None if a.speculative == "off" else a.speculative, compile=a.compile)
     except ValueError as e:
         raise GenerateError(str(e)) from None
-    if a.compile:  # compile before the real work, so the decode speed reported is the compiled one
+    if a.compile and not rt.enabled:  # compile before the real work, so the decode speed reported is the compiled one
         print("compiling the decode step...", file=sys.stderr, flush=True)
         engine.warmup()
     return engine
 
 
-def one_prompt(a, model, tokenizer) -> int:
+def one_prompt(a, rt: Runtime, model, tokenizer) -> int:
     context = context_of(a, model)
     ids = encode(a, tokenizer, a.prompt)
     n_new = fit(a, len(ids), context, "the prompt")
-    engine = make_engine(a, model, tokenizer, 1, len(ids) + n_new)
+    engine = make_engine(a, rt, model, tokenizer, 1, len(ids) + n_new)
     for ev in engine.stream(ids, params(a, n_new)):
         print(ev.text, end="", flush=True)
     print()
@@ -263,12 +316,12 @@ def one_prompt(a, model, tokenizer) -> int:
     return 0
 
 
-def input_file(a, model, tokenizer, prompts: list[tuple[int, str]]) -> int:
+def input_file(a, rt: Runtime, model, tokenizer, prompts: list[tuple[int, str]]) -> int:
     context = context_of(a, model)
     ids = [encode(a, tokenizer, text) for _, text in prompts]
     budgets = [fit(a, len(x), context, f"the prompt on line {n} of {a.input_file}") for x, (n, _) in zip(ids, prompts)]
     max_seq_len = max(len(x) + b for x, b in zip(ids, budgets))
-    engine = make_engine(a, model, tokenizer, min(a.batch_size, len(ids)), max_seq_len)
+    engine = make_engine(a, rt, model, tokenizer, min(a.batch_size, len(ids)), max_seq_len)
     results = complete_all(engine, ids, [params(a, b, i) for i, b in enumerate(budgets)])
     failed = sum(reason == "error" for _, _, reason in results)
     rows = []
@@ -313,10 +366,10 @@ def complete_all(engine: Engine, prompts: list[list[int]], params_list: list[Sam
     return list(zip(tokens, texts, reasons))
 
 
-def interactive(a, model, tokenizer) -> int:
+def interactive(a, rt: Runtime, model, tokenizer) -> int:
     max_seq_len = context_of(a, model) if a.max_seq_len else min(model.args.max_position_embeddings,
                                                                   INTERACTIVE_MAX_SEQ_LEN)
-    engine = make_engine(a, model, tokenizer, 1, max_seq_len)
+    engine = make_engine(a, rt, model, tokenizer, 1, max_seq_len)
     print("nanoseek chat: /clear starts over, /exit (or Ctrl-C, Ctrl-D) quits, Ctrl-C stops a reply",
           file=sys.stderr)
     messages: list[dict] = []

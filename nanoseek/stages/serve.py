@@ -11,6 +11,11 @@ The server binds to loopback unless --host says otherwise. The port opens at onc
 model loads (a port in use, out of range or not allowed is one line and exit status 2): /health
 answers 503 while the model loads in a background thread, 200 after. The API key may also
 come from the NANOSEEK_API_KEY environment variable, which keeps it out of `ps`.
+
+Under torchrun (`torchrun --nproc-per-node N -m nanoseek serve ...`) rank 0 is the server (port,
+HTTP, tokenizer, scheduler) and every other rank loads its share of the model and replays rank 0's
+engine steps (nanoseek/inference/distributed.py). Stopping the server (Ctrl-C, SIGTERM) stops every
+rank; a failure on any rank (loading, or inside a step) stops every rank with one line from rank 0.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from nanoseek.checkpoint import CheckpointError, resolve_model_dir
 from nanoseek.cli import int_in
 from nanoseek.data import DataError, Tokenizer
 from nanoseek.device import DeviceError, resolve_device
-from nanoseek.inference import Engine
-from nanoseek.model import ConfigError, ModelArgs, Transformer
+from nanoseek.inference.distributed import RankFailed, Runtime, load_model, rank0_output
+from nanoseek.model import ConfigError, ModelArgs
 from nanoseek.serve import ServerState, create_app
 from nanoseek.serve.app import REASONING_PARSERS
 
@@ -130,17 +135,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load(a: argparse.Namespace, state: ServerState) -> None:
-    """Load tokenizer, model and engine, then hand them to the server (a background thread)."""
-    t0 = time.perf_counter()
+def load_weights(a: argparse.Namespace, rt: Runtime):
+    """This rank's model; a failure on any rank raises on every rank (rt.check)."""
     if a.threads is not None:
         torch.set_num_threads(a.threads)
+    model = error = None
+    try:
+        model = load_model(a.model, dtype=DTYPES.get(a.dtype), device=a.device)
+    except Exception as e:
+        error = e
+    rt.check(error)
+    return model
+
+
+def load(a: argparse.Namespace, state: ServerState, rt: Runtime) -> None:
+    """Load tokenizer, model and engine, then hand them to the server (a background thread)."""
+    t0 = time.perf_counter()
     tokenizer = a.tokenizer  # read and checked against config.json by parse_args
-    model = Transformer.from_pretrained(a.model, dtype=DTYPES.get(a.dtype), device=a.device)
+    model = load_weights(a, rt)
+    rt.lead()
     max_len = min(a.max_model_len, model.args.max_position_embeddings)
-    engine = Engine(model, max_batch_size=a.max_batch_size, max_seq_len=max_len,
-                    tokenizer=tokenizer, compile=a.compile,
-                    speculative=None if a.speculative == "off" else a.speculative)
+    engine = rt.engine(model, max_batch_size=a.max_batch_size, max_seq_len=max_len,
+                       tokenizer=tokenizer, compile=a.compile,
+                       speculative=None if a.speculative == "off" else a.speculative)
     engine.warmup()  # compile now (unless --no-compile), not during the first requests
     state.start(engine, tokenizer)
     log.info("model %s ready in %.1fs: %d slots, context %d tokens", state.model_name,
@@ -148,12 +165,26 @@ def load(a: argparse.Namespace, state: ServerState) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+    with rank0_output():
+        a = parse_args(argv)
+    rt = Runtime.start(str(a.device))
+    sock = error = None
+    if rt.leader:
+        try:
+            sock = bind(a.host, a.port)
+        except OSError as e:
+            error = e
     try:
-        sock = bind(a.host, a.port)
-    except OSError as e:
-        print(f"nanoseek serve: error: {e}", file=sys.stderr)
+        rt.check(error, 2)
+    except (OSError, RankFailed) as e:
+        if rt.leader:
+            print(f"nanoseek serve: error: {e}", file=sys.stderr)
+        rt.close(2)
         return 2
+    if not rt.leader:
+        code = follow(a, rt)
+        rt.close(code)
+        return code
     logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s:     %(message)s")
     if a.api_key is None and not _is_loopback(a.host):
         log.warning("binding %s without --api-key: anyone who can reach it can use it", a.host)
@@ -165,11 +196,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def load_or_stop():
         try:
-            load(a, state)
+            load(a, state, rt)
         except Exception as e:
-            state.load_error = f"loading the model failed: {type(e).__name__}: {e}"
+            why = str(e) if isinstance(e, RankFailed) else f"{type(e).__name__}: {e}"
+            state.load_error = f"loading the model failed: {why}"
             log.error(state.load_error)
             server.should_exit = True
+
+    def ranks_failed(why: str):  # a step failed on this rank or lost another: the engine is gone
+        log.error("the engine's ranks stopped: %s", why)
+        server.should_exit = True
+
+    rt.on_failure = ranks_failed
 
     threading.Thread(target=load_or_stop, name="nanoseek-load", daemon=True).start()
     try:
@@ -177,10 +215,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # uvicorn shuts down gracefully on SIGINT, then re-raises it: that is a normal stop.
         pass
+    code = 0
     if state.load_error:
         print(f"nanoseek serve: {state.load_error}", file=sys.stderr)
+        code = 1
+    elif rt.failure:
+        print(f"nanoseek serve: error: the engine's ranks stopped: {rt.failure}", file=sys.stderr)
+        code = 1
+    rt.close(code)
+    return code
+
+
+def follow(a: argparse.Namespace, rt: Runtime) -> int:
+    """A rank other than 0: load this rank's share, then replay rank 0's engine until it stops."""
+    try:
+        model = load_weights(a, rt)
+    except RankFailed as e:  # rank 0 says why
+        return e.code
+    try:
+        return rt.follow(model, a.tokenizer)
+    except Exception as e:  # rank 0 went away, or this rank's step failed
+        rt.mark_broken()
+        print(f"[rank {rt.dist.rank}] nanoseek serve: error: {type(e).__name__}: {e}".splitlines()[0],
+              file=sys.stderr)
         return 1
-    return 0
 
 
 def _model_name(path: Path) -> str:
