@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,43 +27,16 @@ from nanoseek.inference.distributed import Runtime
 from nanoseek.model import Transformer
 from nanoseek.parallel.env import Dist
 from serving import checkpoint, serve, tokenizer  # noqa: F401  (module fixtures)
+from test_parallel import free_port, reap, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "infer_worker.py"
 TIMEOUT = 300  # seconds a multi-rank run may take before it counts as a hang (a loaded machine is slow)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_env(n: int) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-            "WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1", "NANOSEEK_COMPILE": "0"}
-
-
-def spawn(n: int, argv: list[str], **kw) -> list[subprocess.Popen]:
-    """`python ARGV...` as ranks 0..n-1 of one job (the environment torchrun sets)."""
-    env = rank_env(n)
-    return [subprocess.Popen([sys.executable, *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) for r in range(n)]
-
-
-def reap(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
-    """Wait for every rank (a hang past `timeout` fails); always kills the stragglers."""
-    results, deadline = [], time.monotonic() + timeout
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return results
+def torchrun_env() -> dict:
+    """The environment of a launch through torchrun itself (which adds the rank variables)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def test_engine_two_ranks_equal_one_process(checkpoint, tmp_path):  # noqa: F811
@@ -79,7 +51,7 @@ def test_engine_two_ranks_equal_one_process(checkpoint, tmp_path):  # noqa: F811
     engine = rt.engine(model, max_batch_size=3, max_seq_len=64, compile=False)
     assert type(engine) is Engine
     want = script(engine)
-    done = reap(procs)
+    done = reap(procs, TIMEOUT)
     assert [r.returncode for r in done] == [0, 0], [r.stderr[-2000:] for r in done]
     got = json.loads((tmp_path / "rank0.json").read_text())
     assert got == json.loads(json.dumps(want))
@@ -96,14 +68,14 @@ def test_torchrun_generate_prints_what_one_process_prints(checkpoint, tmp_path):
     common = ["--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "12", "--no-compile"]
     runs = {"prompt": ["--prompt", "Hello there", "--stop", "e"],
             "file": ["--input-file", str(prompts), "--batch-size", "2"]}
-    env = {**rank_env(1), "MASTER_PORT": "0"}
+    env = torchrun_env()
     procs = {name: subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                      "--master-port", str(free_port()), "-m", "nanoseek", "generate",
                                      *common, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True) for name, extra in runs.items()}
     one = {name: subprocess.run([sys.executable, "-m", "nanoseek", "generate", *common, *extra], env=env,
                                 capture_output=True, text=True, timeout=TIMEOUT) for name, extra in runs.items()}
-    two = dict(zip(procs, reap(list(procs.values()))))
+    two = dict(zip(procs, reap(list(procs.values()), TIMEOUT)))
     for name in runs:
         assert one[name].returncode == 0 and two[name].returncode == 0, two[name].stderr[-2000:]
         assert two[name].stdout == one[name].stdout
@@ -126,11 +98,11 @@ def test_bad_checkpoint_and_bad_flag_fail_on_every_rank(checkpoint, tmp_path):  
         "serve": (["-m", "nanoseek", "serve", "--model", str(bad), "--port", str(free_port())], 1,
                   "nanoseek serve: loading the model failed"),  # (also logged, as on one process)
         "flag": (["-m", "nanoseek", "generate", "--model", str(checkpoint), "--prompt", "hi", "--top-p", "2"], 2,
-                 "--top-p"),
+                 "error: argument --top-p"),
     }
     procs = {name: spawn(2, argv) for name, (argv, _, _) in cases.items()}
     for name, (argv, code, words) in cases.items():
-        rank0, rank1 = reap(procs[name])
+        rank0, rank1 = reap(procs[name], TIMEOUT)
         assert (rank0.returncode, rank1.returncode) == (code, code), (name, rank0.stderr, rank1.stderr)
         lines = [line for line in rank0.stderr.splitlines() if words in line]
         assert len(lines) == 1, (name, rank0.stderr)
@@ -211,3 +183,18 @@ def test_two_rank_server_answers_like_one_process(checkpoint, tokenizer, tmp_pat
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_bench_decode_ranks_table_runs_on_one_rank(tmp_path, capsys):
+    """`bench decode --tables ranks` (what torchrun launches print): rows for each cell and each
+    rank's memory, and JSONL with them."""
+    from nanoseek.bench import decode
+
+    out = tmp_path / "rows.jsonl"
+    assert decode.main(["--tables", "ranks", "--preset", "tiny", "--set", "num_hidden_layers=2", "--batch-sizes",
+                        "2", "--prompt-lens", "8", "--new-tokens", "3", "--repeats", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    cell, rank = rows
+    assert (cell["ranks"], cell["batch"], cell["prompt"]) == (1, 2, 8) and cell["decode_tok_s"] > 0
+    assert rank["rank"] == 0 and rank["param_bytes"] > 0 and rank["peak_rss"] > rank["param_bytes"]
+    assert "ranks table: 1 rank(s)" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,17 +37,25 @@ def free_port() -> int:
 def launch(n: int, cfg: dict | list, timeout: float = 240) -> list[subprocess.CompletedProcess]:
     """Run `n` ranks of the worker (cfg: its JSON) or of `python ARGV...` (cfg: a list), with the
     environment torchrun sets; always reaps them (kills the stragglers on timeout or failure)."""
+    return reap(spawn(n, cfg), timeout)
+
+
+def spawn(n: int, cfg: dict | list) -> list[subprocess.Popen]:
+    """Start the `n` ranks of `launch` (stdout and stderr piped, as text)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "WORLD_SIZE": str(n), "OMP_NUM_THREADS": "1"}
     argv = [str(WORKER), json.dumps(cfg)] if isinstance(cfg, dict) else cfg
-    procs = [subprocess.Popen([sys.executable, *argv], env={**env, "RANK": str(r),
-                              "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(n)]
-    results = []
+    return [subprocess.Popen([sys.executable, *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
+
+
+def reap(procs: list[subprocess.Popen], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Wait for every rank, `timeout` seconds in all (a hang fails the test); always kills the stragglers."""
+    results, deadline = [], time.monotonic() + timeout
     try:
         for p in procs:
-            out, err = p.communicate(timeout=timeout)
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     finally:
         for p in procs:

@@ -9,8 +9,9 @@ the two runs differ only in the launch. Per (batch, prompt length) cell: rank 0'
 greedily with EOS ignored, and the cell reports decode tokens/s (best of --repeats passes after a
 warm-up, with the range), the mean step time and the latent cache's bytes per token. Every row is
 eager: under torchrun compiling is off, so the one-rank row is eager too. Then per rank: the
-parameter bytes it holds, its latent cache (MLA's cache is one row per token shared by all heads,
-so every rank holds the whole batch's cache) and its peak resident memory (RSS).
+parameter and buffer bytes of its share (`resident_bytes`, nanoseek.parallel.inference), its latent
+cache (one row per token shared by all heads, so every rank holds the whole batch's cache) and its
+peak resident memory (RSS: the Python process, torch and the rest included).
 
 Several ranks on one 2-core CPU are overhead, not speed-up: the ranks share the cores, and every
 step adds its broadcasts (commands, tokens) and the sharded model's collectives.
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from nanoseek.inference.distributed import Runtime
 from nanoseek.model import Transformer, preset
 from nanoseek.model.args import parse_overrides
+from nanoseek.parallel.inference import resident_bytes
 
 
 def shared_checkpoint(a, rt: Runtime) -> tuple[Path, bool]:
@@ -55,12 +57,6 @@ def shared_checkpoint(a, rt: Runtime) -> tuple[Path, bool]:
     return path, rt.leader
 
 
-def param_bytes(model) -> int:
-    """Bytes of the parameters and buffers this rank holds."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -74,7 +70,7 @@ def cells(a, rt: Runtime, model) -> list[dict]:
             prompts = torch.randint(3, model.args.vocab_size, (batch, length), generator=g).tolist()
             engine = rt.engine(model, max_batch_size=batch, max_seq_len=length + a.new_tokens, compile=False,
                                speculative=None)
-            engine.generate([p[:16] for p in prompts], max_new_tokens=4, ignore_eos=True)  # warm-up
+            engine.generate([p[:16] for p in prompts], max_new_tokens=min(4, a.new_tokens), ignore_eos=True)  # warm-up
             passes = []
             for _ in range(a.repeats):
                 engine.generate(prompts, max_new_tokens=a.new_tokens, ignore_eos=True)
@@ -115,7 +111,7 @@ def main(a, pressure) -> int:
     else:
         rt.follow(model)
     largest_cache = max((r["cache_bytes"] for r in rows), default=0)
-    mine = torch.tensor([param_bytes(model), largest_cache, peak_rss()], dtype=torch.float64)
+    mine = torch.tensor([resident_bytes(model), largest_cache, peak_rss()], dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
     if rt.enabled:
         dist.all_gather(every, mine)

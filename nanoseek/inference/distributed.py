@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.env import Dist, init_distributed, quiet_other_ranks, shutdown, torchrun_world
+from ..parallel.inference import load_sharded
 from .engine import Engine
 from .sampling import SamplingParams
 
@@ -85,11 +86,9 @@ class RanksDiverged(RuntimeError):
 
 
 def load_model(model_dir, *, dtype=None, device=None):
-    """This rank's model. One process: the whole checkpoint. Under torchrun each rank its share:
-    nanoseek.parallel.inference.load_sharded (same arguments, same result on one rank)."""
-    from ..checkpoint import load
-
-    return load(model_dir, dtype=dtype, device=device if device is not None else "cpu")
+    """This rank's model: under torchrun its share of the weights, read from the HF files
+    (nanoseek.parallel.inference.load_sharded); in one process the whole checkpoint."""
+    return load_sharded(model_dir, dtype=dtype, device=device)
 
 
 class Runtime:
@@ -116,8 +115,8 @@ class Runtime:
     @classmethod
     def start(cls, device: str = "auto") -> "Runtime":
         """Join torchrun's process group (gloo on CPU, NCCL on CUDA; none without torchrun). Other
-        ranks' stdout goes to /dev/null; rank 0 turns SIGTERM (what torchrun sends on Ctrl-C) into
-        KeyboardInterrupt, so it stops the followers before it exits."""
+        ranks' stdout goes to /dev/null; rank 0 treats SIGTERM like Ctrl-C (KeyboardInterrupt: torchrun
+        passes on the signal it gets), so it stops the followers before it exits."""
         rt = cls(init_distributed(device))
         if rt.enabled:
             quiet_other_ranks(rt.dist)
@@ -151,7 +150,7 @@ class Runtime:
         data = text.encode()[:MESSAGE_BYTES]
         mine[0], mine[1] = error is not None, code
         mine[2:2 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-        every = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        every = [self._wire(torch.zeros_like(mine)) for _ in range(self.world_size)]
         dist.all_gather(every, self._wire(mine))
         for rank, t in enumerate(every):
             t = t.cpu()

@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as e:
         return error_line(GenerateError(f"--device {e}"), 2, leader=torchrun_world()[0] == 0)
     rt = Runtime.start(str(a.device))
+    a.device = rt.dist.device  # under torchrun: this rank's GPU (LOCAL_RANK), whatever --device named
     code = run(a, rt)
     rt.close(code)
     return code

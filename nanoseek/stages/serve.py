@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     with rank0_output():
         a = parse_args(argv)
     rt = Runtime.start(str(a.device))
+    a.device = rt.dist.device  # under torchrun: this rank's GPU (LOCAL_RANK), whatever --device named
     sock = error = None
     if rt.leader:
         try:
