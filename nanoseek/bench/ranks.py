@@ -11,7 +11,9 @@ warm-up, with the range), the mean step time and the latent cache's bytes per to
 eager: under torchrun compiling is off, so the one-rank row is eager too. Then per rank: the
 parameter and buffer bytes of its share (`resident_bytes`, nanoseek.parallel.inference), its latent
 cache (one row per token shared by all heads, so every rank holds the whole batch's cache) and its
-peak resident memory (RSS: the Python process, torch and the rest included).
+resident memory (RSS: the Python process, torch and the rest included) at the end and at most (with
+a random --preset, rank 0's peak includes building the whole model to write the checkpoint: pass
+--model for per-rank peaks).
 
 Several ranks on one 2-core CPU are overhead, not speed-up: the ranks share the cores, and every
 step adds its broadcasts (commands, tokens) and the sharded model's collectives.
@@ -57,8 +59,16 @@ def shared_checkpoint(a, rt: Runtime) -> tuple[Path, bool]:
     return path, rt.leader
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def rss() -> tuple[int, int]:
+    """(resident bytes now, peak resident bytes) of this process (Linux)."""
+    now = 0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
 
 
 def cells(a, rt: Runtime, model) -> list[dict]:
@@ -101,7 +111,7 @@ def main(a, pressure) -> int:
     t0 = time.perf_counter()
     if rt.leader:
         print(f"ranks table: {rt.world_size} rank(s) ({rt.dist.backend or 'one process'}), "
-              f"{a.model or 'random ' + a.preset}, {model.num_params() / 1e6:.1f}M params, fp32, "
+              f"{a.model or 'random ' + a.preset}, {model.num_params() / 1e6:.1f}M params on rank 0, fp32, "
               f"{torch.get_num_threads()} thread(s) per rank, eager, {a.new_tokens} new tokens, best of {a.repeats} "
               f"| cpu pressure {pressure()}", flush=True)
         print(f"{'ranks':>5} {'batch':>5} {'prompt':>6} {'decode tok/s':>12} (range) {'step ms':>8} {'cache B/tok':>10}")
@@ -111,18 +121,18 @@ def main(a, pressure) -> int:
     else:
         rt.follow(model)
     largest_cache = max((r["cache_bytes"] for r in rows), default=0)
-    mine = torch.tensor([resident_bytes(model), largest_cache, peak_rss()], dtype=torch.float64)
+    mine = torch.tensor([resident_bytes(model), largest_cache, *rss()], dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
     if rt.enabled:
         dist.all_gather(every, mine)
     else:
         every = [mine]
     if rt.leader:
-        for rank, (params, _, rss) in enumerate(t.tolist() for t in every):
+        for rank, (params, _, now, peak) in enumerate(t.tolist() for t in every):
             print(f"rank {rank}: parameters {params / 2**20:.1f} MiB, latent cache {largest_cache / 2**20:.1f} MiB "
-                  f"(largest cell), peak RSS {rss / 2**20:.0f} MiB")
+                  f"(largest cell), RSS {now / 2**20:.0f} MiB at the end, {peak / 2**20:.0f} MiB at most")
             rows.append(dict(ranks=rt.world_size, rank=rank, param_bytes=params, cache_bytes=largest_cache,
-                             peak_rss=rss))
+                             rss=now, peak_rss=peak))
         print(f"cpu pressure at the end: {pressure()} ({time.perf_counter() - t0:.0f}s)")
         if a.out:
             a.out.parent.mkdir(parents=True, exist_ok=True)
