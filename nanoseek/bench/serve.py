@@ -280,7 +280,7 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             master = s.getsockname()[1]
-        cmd[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc_per_node),
+        cmd[1:2] = ["-m", "torch.distributed.run", "--nproc-per-node", str(a.nproc_per_node),
                     "--master-port", str(master), "-m"]
         env = {k: v for k, v in env.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
     if a.api_key:
