@@ -200,10 +200,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
     ckpt_root = a.out / "checkpoints"
     resume_from = latest_checkpoint(ckpt_root) if a.resume else None
     if resume_from is not None:
-        a = resume_args(a, read_trainer_state(resume_from)["args"], explicit, FREE_ON_RESUME)
-        if "stop_at" not in explicit:
-            a.stop_at = None
-        a.out = Path(a.out)
+        a = resume_args(a, read_trainer_state(resume_from)["args"], explicit, FREE_ON_RESUME,
+                        per_launch={"stop_at": None}, paths=("out",))
         model_dir = resume_from
     elif a.resume:
         raise RunError(f"nothing to resume in {ckpt_root} (no checkpoint yet)")

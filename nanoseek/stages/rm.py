@@ -208,12 +208,8 @@ def train_rm(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int
     state: dict = {}
     if resume_from is not None:
         state = read_trainer_state(resume_from)
-        a = resume_args(a, state["args"], explicit, FREE_ON_RESUME)
-        if "stop_at" not in explicit:
-            a.stop_at = None
-        for k in ("out", "model", "tokenizer", "data", "val"):
-            v = getattr(a, k)
-            setattr(a, k, None if v is None else Path(v))
+        a = resume_args(a, state["args"], explicit, FREE_ON_RESUME, per_launch={"stop_at": None},
+                        paths=("out", "model", "tokenizer", "data", "val"))
     elif a.resume:
         raise RunError(f"nothing to resume in {ckpt_root} (no checkpoint yet); pass --model/--data to start a run")
     elif (ckpt_root / "latest").exists():

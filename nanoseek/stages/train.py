@@ -263,15 +263,12 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts, t_start: 
     resume_from = latest_checkpoint(ckpt_root) if a.resume else None
     if resume_from is not None:
         saved = read_trainer_state(resume_from)["args"]
-        a = resume_args(a, saved, explicit, FREE_ON_RESUME)
-        for flag in ("stop_at", "max_minutes"):  # limits of one invocation, not settings of the run (a
-            if flag not in explicit:             # minutes budget is fixed in tokens by now)
-                setattr(a, flag, None)
-        for flag, default in (("dp_shard", None), ("ep", 1), ("pp", 1), ("pp_schedule", "1f1b"),
-                              ("activation_checkpoint", False)):
-            if flag not in explicit:  # the layout belongs to this launch: a run resumes at any world size
-                setattr(a, flag, default)
-        a.data, a.out, a.tokenizer = Path(a.data), Path(a.out), a.tokenizer and Path(a.tokenizer)
+        # Limits of one invocation (a minutes budget is fixed in tokens by now) and the layout (a run
+        # resumes at any world size) belong to this launch, not to the run.
+        a = resume_args(a, saved, explicit, FREE_ON_RESUME,
+                        per_launch={"stop_at": None, "max_minutes": None, "dp_shard": None, "ep": 1, "pp": 1,
+                                    "pp_schedule": "1f1b", "activation_checkpoint": False},
+                        paths=("data", "out", "tokenizer"))
     elif a.resume:
         if a.data is None:
             raise RunError(f"nothing to resume in {ckpt_root} (no checkpoint yet); pass --data and a budget to "

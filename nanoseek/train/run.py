@@ -185,11 +185,14 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return set(vars(known))
 
 
-def resume_args(a: argparse.Namespace, saved: dict, explicit: set[str], free: set[str]) -> argparse.Namespace:
+def resume_args(a: argparse.Namespace, saved: dict, explicit: set[str], free: set[str],
+                per_launch: dict | None = None, paths: tuple[str, ...] = ()) -> argparse.Namespace:
     """The settings of a resumed run: the saved run's, except the `free` flags the user typed now.
 
     A typed flag outside `free` whose value differs from the saved one would change the numbers:
-    RunError naming every such flag (values compared as the saved JSON holds them)."""
+    RunError naming every such flag (values compared as the saved JSON holds them).
+    per_launch: {flag: default} for settings of one invocation, not of the run (--stop-at, the
+    parallel layout): the default unless typed now. paths: flags made Path again (JSON holds str)."""
     def norm(v):
         return str(v) if isinstance(v, Path) else v
 
@@ -200,6 +203,8 @@ def resume_args(a: argparse.Namespace, saved: dict, explicit: set[str], free: se
         raise RunError(f"cannot resume with {got}: the run was made with the saved value(s) and changing them "
                        f"would change its numbers; drop the flag(s) to resume, or start a new run in another --out")
     merged = {**vars(a), **saved, **{k: getattr(a, k) for k in explicit & free}}
+    merged.update({k: v for k, v in (per_launch or {}).items() if k not in explicit})
+    merged.update({k: None if merged[k] is None else Path(merged[k]) for k in paths})
     return argparse.Namespace(**merged)
 
 
