@@ -94,3 +94,76 @@ def test_shared_prompt_prefill_equals_separate_prefills(speculative, monkeypatch
     for a, b in zip(alone, shared):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
         assert torch.equal(a.routing, b.routing)
+
+
+def test_grouped_mm_custom_op_matches_aten():
+    """The routed experts' fp32 grouped GEMM as a custom op (traceable by torch.compile): the values and
+    both gradients of F.grouped_mm, an empty group included (its weight gradient exactly 0)."""
+    import torch.nn.functional as F
+
+    from nanoseek.model.moe import _cpu_grouped_mm
+
+    x = torch.randn(10, 16, requires_grad=True)
+    w = torch.randn(3, 8, 16, requires_grad=True)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)  # group 1 is empty
+    grad = torch.randn(10, 8)
+    _cpu_grouped_mm(x, w, offsets).backward(grad)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    want = F.grouped_mm(x2, w2.transpose(1, 2), offs=offsets)
+    want.backward(grad)
+    assert torch.allclose(_cpu_grouped_mm(x, w, offsets), want, atol=1e-6)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+    assert (w.grad[1] == 0).all() and w.grad[0].abs().sum() > 0
+    torch.library.opcheck(_cpu_grouped_mm, (x.detach(), w.detach(), offsets))
+
+
+def test_compiled_rollouts_and_logps_match_eager():
+    """`nanoseek grpo`'s default: rollouts through the compiled decode step at a batch whose routed
+    experts take the grouped GEMM (8 rows × 2 experts > 8 experts: one graph, no break) give the eager
+    tokens and log-probs, and the compiled log-prob forward gives the eager log-probs and gradients."""
+    from nanoseek.rl.rollout import CompiledLogps
+
+    torch.manual_seed(0)  # one MoE layer: compiling costs seconds per layer
+    m = Transformer(preset("tiny", **{**TINY, "num_hidden_layers": 1, "first_k_dense_replace": 0,
+                                      "num_nextn_predict_layers": 0})).eval()
+    eager = rollout(Engine(m, max_batch_size=8, max_seq_len=32, speculative=None, compile=False), PROMPTS[:2], G=4,
+                    max_new_tokens=6, seed=1, ignore_eos=True)
+    engine = Engine(m, max_batch_size=8, max_seq_len=32, speculative=None, compile=True)
+    compiled = rollout(engine, PROMPTS[:2], G=4, max_new_tokens=6, seed=1, ignore_eos=True)  # 8 rows throughout
+    assert engine.stats["compiled"]
+    comps, want = [c for g in compiled for c in g], [c for g in eager for c in g]
+    assert [c.tokens for c in comps] == [c.tokens for c in want]
+    assert torch.allclose(torch.tensor([x for c in comps for x in c.logprobs]),
+                          torch.tensor([x for c in want for x in c.logprobs]), atol=1e-5)
+    batch = Batch.of(comps)
+    logps = CompiledLogps(torch.device("cpu"))
+    m.train()
+    got = completion_logps(m, batch, compiled=logps)
+    got.sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    ref = completion_logps(m, batch)
+    ref.sum().backward()
+    assert logps.fn is not None and logps.compile_s > 0  # it did compile (no fallback)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert grads.keys() == {n for n, p in m.named_parameters() if p.grad is not None}
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, atol=1e-4, rtol=1e-3), n
+
+
+def test_compiled_logps_fall_back_to_eager_with_one_line(monkeypatch, caplog):
+    """No compiler: one logged line and the eager forward (same values)."""
+    import nanoseek.rl.rollout as R
+
+    monkeypatch.setattr(R, "unavailable", lambda device: "no C++ compiler found (test)")
+    m = model()
+    comps = [c for g in rollout(Engine(m, max_batch_size=4, max_seq_len=32, speculative=None), PROMPTS[:2], G=2,
+                                max_new_tokens=4, seed=2) for c in g]
+    with caplog.at_level("WARNING", logger="nanoseek"):
+        logps = R.CompiledLogps(torch.device("cpu"))
+    assert logps.fn is None and [r.getMessage() for r in caplog.records] == [
+        "nanoseek: running the GRPO log-prob forward eagerly: no C++ compiler found (test)"]
+    batch = Batch.of(comps)
+    with torch.no_grad():
+        assert torch.equal(completion_logps(m, batch, compiled=logps), completion_logps(m, batch))

@@ -100,7 +100,8 @@ class Experts(nn.Module):
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # token copies sorted by expert
         token = order // K
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        # counts per expert by scatter_add into E zeros (not bincount, whose output size depends on the data: a graph break)
+        counts = torch.zeros(self.n_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         offsets = counts.cumsum(0).to(torch.int32)
         xs = x[token]
         h = grouped_mm(xs, self.gate_up_proj, offsets, counts)
@@ -111,8 +112,7 @@ class Experts(nn.Module):
 
     def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding (N*K <= E): gather the chosen experts' weights and run batched mat-vecs, as
-        gpt-fast's MoE does. No sort and no host sync, so a decode step compiles (torch.compile
-        traces F.grouped_mm on CPU only in bf16), and no pass over the experts nobody chose."""
+        gpt-fast's MoE does: no sort, and no pass over the experts nobody chose."""
         N, K = indices.shape
         flat = indices.flatten()
         xs = x.repeat_interleave(K, dim=0)[:, :, None]  # [N*K, hidden, 1]
@@ -137,9 +137,45 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     return out
 
 
-@torch.compiler.disable  # torch.compile traces F.grouped_mm on CPU only in bf16: a graph break, run eagerly
+# fp32 F.grouped_mm on CPU as an opaque custom op: torch.compile (2.13) traces grouped_mm only in bf16, and
+# a graph break around it measured slower than eager; as a custom op with a shape function (`register_fake`)
+# and its derivative, one compiled graph spans the routed experts too (inductor calls the op as is).
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
 def _cpu_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, in] sorted by group, w [E, out, in], offsets [E] int32 -> [M, out] (x_g @ w[g]^T)."""
     return F.grouped_mm(x, w.transpose(1, 2), offs=offsets)
+
+
+@_cpu_grouped_mm.register_fake
+def _(x, w, offsets):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("nanoseek::grouped_mm_weight_grad", mutates_args=())
+def _cpu_grouped_mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grad [M, out], x [M, in] sorted by group -> [E, out, in]: grad_g^T @ x_g per group (0 for empty groups)."""
+    return F.grouped_mm(grad.t(), x, offs=offsets)
+
+
+@_cpu_grouped_mm_weight_grad.register_fake
+def _(grad, x, offsets):
+    return grad.new_empty(offsets.shape[0], grad.shape[1], x.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = _cpu_grouped_mm(grad, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = _cpu_grouped_mm_weight_grad(grad, x, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_cpu_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 class MoE(nn.Module):

@@ -40,6 +40,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -59,7 +60,7 @@ from nanoseek.rl.grpo import group_advantages, grpo_loss
 from nanoseek.rl.genrm import JudgeReward
 from nanoseek.rl.reward_model import RewardScorer
 from nanoseek.rl.report import plot_grpo, sample_table, write_report
-from nanoseek.rl.rollout import Batch, completion_logps, rollout
+from nanoseek.rl.rollout import Batch, CompiledLogps, completion_logps, rollout
 from nanoseek.rl.tasks import load_task
 from nanoseek.train.metrics import JsonlLog, read_jsonl
 from nanoseek.train.run import (Interrupts, RunError, StepLoop, apply_update, claim_run_dir, explicit_flags,
@@ -67,7 +68,7 @@ from nanoseek.train.run import (Interrupts, RunError, StepLoop, apply_update, cl
 from nanoseek.train.state import latest_checkpoint, load_trainer_state, read_trainer_state, save_checkpoint
 
 FREE_ON_RESUME = {"model", "tokenizer", "out", "resume", "device", "save_every", "keep_last", "stop_at",
-                  "sample_every", "max_nonfinite", "quiet"}
+                  "sample_every", "max_nonfinite", "quiet", "compile"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int_in(0, 2**31 - 1), default=0, help="problem order and sampling seed")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the rollouts' decode step and the log-prob forwards (default: on, unless "
+                        "NANOSEEK_COMPILE=0; eager, with one line, where compiling cannot work): the first step "
+                        "pays for compiling, tens of seconds cold, a few from the disk cache")
     g.add_argument("--save-every", type=int_in(0), default=0, help="checkpoint every N steps (0: at the end only)")
     g.add_argument("--keep-last", type=int_in(0), default=2, help="checkpoints to keep (0: all)")
     g.add_argument("--sample-every", type=int_in(0), default=10, help="a table of completions every N steps (0: off)")
@@ -243,9 +248,11 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         raise RunError(f"the longest prompt ({max(map(len, prompts))} tokens) + --max-completion-length "
                        f"{a.max_completion_length} exceeds the model's context {policy.args.max_position_embeddings}")
     speculative = None if a.speculative == "none" else a.speculative
+    compile_on = a.compile if a.compile is not None else os.environ.get("NANOSEEK_COMPILE") != "0"
     engine = Engine(policy, max_batch_size=min(a.rollout_batch, a.prompts_per_step * a.num_generations),
-                    max_seq_len=max_len, speculative=speculative, compile=False,
+                    max_seq_len=max_len, speculative=speculative, compile=compile_on,
                     record_routing=a.keep_routing, record_sampling_mask=a.keep_sampling_mask)
+    logps = CompiledLogps(device) if compile_on else None  # the training forwards (eager: None)
     accuracy = R.accuracy_for(problems[0].task) if problems[0].task != "code" else None
 
     decay, no_decay = [], []
@@ -298,8 +305,12 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         optimizer.zero_grad(set_to_none=True)
         data.update(committed)
 
+    def compiling_s() -> float:  # seconds spent compiling so far (rollouts' decode graphs, log-prob forwards)
+        return engine.steps.compile_s + (logps.compile_s if logps is not None else 0.0)
+
     with loop.running(rewind):
         while step < a.steps and not stop.requested:
+            compiled_before = compiling_s()
             # --- 1. rollouts (+ dynamic sampling) and rewards -----------------------------------------
             t0 = time.perf_counter()
             groups, values, drawn_groups, new_tokens = [], [], 0, 0
@@ -347,10 +358,11 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                                                dtype=batch.mask.dtype, device=device)[:, None]
                 policy.train()
                 with torch.no_grad():
-                    ref_logp = completion_logps(ref, batch, a.temperature, replay=False) if ref is not None else None
+                    ref_logp = completion_logps(ref, batch, a.temperature, replay=False, compiled=logps) \
+                        if ref is not None else None
                     old_logp = None
                     if a.num_iterations > 1 or a.steps_per_generation > 1:
-                        old_logp = completion_logps(policy, batch, a.temperature)
+                        old_logp = completion_logps(policy, batch, a.temperature, compiled=logps)
                 rec["rollout_logp_gap"] = _logp_gap(comps, old_logp, batch) if a.temperature == 1.0 else None
                 # π_rollout for --off-policy-mask: the engine's log-probs (raw model = the sampling
                 # distribution at temperature 1), else the old policy's in the training forward
@@ -364,7 +376,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                     for _ in range(a.num_iterations):
                         for rows in minibatches:
                             sub = batch.select(rows)
-                            logp = completion_logps(policy, sub, a.temperature)
+                            logp = completion_logps(policy, sub, a.temperature, compiled=logps)
                             old = logp.detach() if old_logp is None else old_logp[rows][:, : logp.shape[1]]
                             loss, stats = grpo_loss(
                                 logp, old, None if ref_logp is None else ref_logp[rows][:, : logp.shape[1]],
@@ -417,6 +429,7 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                     "clip_ratio/region_mean": stats_sum.get("clip_ratio/region_mean", 0.0),
                     "ratio_mean": stats_sum.get("ratio_mean", 1.0),
                     "off_policy_masked": stats_sum.get("off_policy_masked", 0.0), "rollout_s": rollout_s, "train_s": train_s,
+                    "compile_s": compiling_s() - compiled_before,
                     **{k: v for _, fn, _ in terms if hasattr(fn, "stats") for k, v in fn.stats().items()},
                     "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9), "skipped": skipped})
                 log.write(rec)
