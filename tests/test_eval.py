@@ -8,7 +8,7 @@ import pytest
 
 from nanoseek.cli import main as cli
 from nanoseek.data import train_bpe
-from nanoseek.eval import cons_at_k, majority, pass_at_k
+from nanoseek.eval import cons_at_k, majority, paired_difference, pass_at_k
 from nanoseek.eval import runner
 from nanoseek.eval.runner import Sample
 from nanoseek.rl.tasks import arithmetic
@@ -45,6 +45,20 @@ def test_cons_at_k_votes_and_breaks_ties_by_first_seen():
     assert majority(["1/2", "0.5", "3"]) == "1/2"
 
 
+def test_paired_difference_hand_values():
+    before = {"a": [1, 0, 0, 0], "b": [1, 1], "c": [0, 0, 0, 0]}
+    after = {"a": [1, 1, 0, 0], "b": [1, 1, 1, 1], "c": [1, 0, 0, 0]}  # k may differ: means are per problem
+    d = [0.25, 0.0, 0.25]
+    m = sum(d) / 3
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / 2 / 3)
+    r = paired_difference(before, after)
+    assert r["delta"] == pytest.approx(m) and r["se"] == pytest.approx(se)
+    assert (r["problems"], r["up"], r["down"]) == (3, 2, 0)
+    assert r["before"] == pytest.approx((0.25 + 1 + 0) / 3) and r["after"] == pytest.approx((0.5 + 1 + 0.25) / 3)
+    with pytest.raises(ValueError, match="different problems"):
+        paired_difference(before, {"a": [1], "b": [1], "z": [0]})
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalmodel")
@@ -75,6 +89,17 @@ def test_eval_cli_end_to_end(model_dir, tmp_path, capsys):
                     "5", "--out", str(tmp_path / name), "--quiet"]) == 0
     g1, g2 = ((tmp_path / n / "samples.jsonl").read_text() for n in ("g1", "g2"))
     assert g1 == g2 and len(g1.splitlines()) == 2
+    # --baseline: paired against g1 (identical greedy samples: no change); other problems are refused
+    capsys.readouterr()
+    assert cli(["eval", "--model", str(model_dir), "--task", "arithmetic", "--n", "2", "--greedy", "--max-new-tokens",
+                "5", "--out", str(tmp_path / "g3"), "--quiet", "--baseline", str(tmp_path / "g1")]) == 0
+    v = json.loads((tmp_path / "g3" / "summary.json").read_text())["vs_baseline"]
+    assert (v["problems"], v["delta"], v["up"], v["down"]) == (2, 0.0, 0, 0)
+    assert "pass@1 vs baseline" in capsys.readouterr().out
+    assert cli(["eval", "--model", str(model_dir), "--task", "arithmetic", "--n", "3", "--greedy", "--quiet",
+                "--out", str(tmp_path / "g4"), "--baseline", str(tmp_path / "g1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different problems" in err and len(err.splitlines()) == 1 and not (tmp_path / "g4").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -84,6 +109,7 @@ def test_eval_cli_end_to_end(model_dir, tmp_path, capsys):
     (["--task", "missing.jsonl"], "cannot read"),
     (["--task", "arithmetic", "--ops", "+/"], "--ops"),
     (["--task", "arithmetic", "--digits", "1", "--n", "400"], "only 63 distinct test problems"),
+    (["--task", "arithmetic", "--baseline", "/nonexistent/eval"], "no samples.jsonl there"),
 ])
 def test_eval_cli_errors_are_one_line(model_dir, flags, message, capsys):
     assert cli(["eval", "--model", str(model_dir), "--quiet", *flags]) == 2

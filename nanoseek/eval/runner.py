@@ -261,11 +261,16 @@ class Sampled:
     seconds: float
 
 
+def prompt_texts(problems: list[Problem], instruction: str) -> list[str]:
+    """Each problem as the user asks it (the `prompt` of a graded record)."""
+    return [p.prompt + (f"\n{instruction}" if instruction else "") for p in problems]
+
+
 def run_flags(a) -> Sampled:
     """Load the model, build the task's prompts, sample a.k completions each (the eval/sample flags)."""
     model, tokenizer = load_model(a.model, a.tokenizer, a.device)
     problems = load_task(a.task, a.n, a.seed, a.split, digits=a.digits, ops=a.ops)
-    texts = [p.prompt + (f"\n{a.instruction}" if a.instruction else "") for p in problems]
+    texts = prompt_texts(problems, a.instruction)
     prompts = [build_prompt(tokenizer, p, a.template, a.instruction, a.think) for p in problems]
     t0 = time.perf_counter()
     if a.speculative == "mtp" and not len(model.mtp):

@@ -17,19 +17,23 @@ Correctness is the task's rule (nanoseek/rl/rewards.py: answers in `\\boxed{}` o
 reasoning); the format rate counts R1-Zero tags or the R1 `…</think> answer` layout.
 
 Writes OUT/samples.jsonl (every completion with its grading), OUT/summary.json, and prints a table.
+`--baseline DIR` (an earlier eval's output on the same problems, e.g. the model before RL) adds the
+pass@1 change paired by problem with its standard error (summary["vs_baseline"]).
 OUT defaults to eval-TASK next to the model. Bad flags, models or task files: one line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from nanoseek.data import DataError
-from nanoseek.eval import passkey
-from nanoseek.eval.runner import (EvalError, add_flags, check_flags, grade, load_model, run_flags, summarize,
-                                  write_json, write_jsonl)
+from nanoseek.eval import paired_difference, passkey
+from nanoseek.eval.runner import (EvalError, add_flags, check_flags, grade, load_model, prompt_texts, run_flags,
+                                  summarize, write_json, write_jsonl)
+from nanoseek.rl.tasks import load_task
 
 
 def parse_args(argv):
@@ -39,6 +43,8 @@ def parse_args(argv):
     p.add_argument("--greedy", action="store_true", help="one greedy sample per problem (k = 1, T = 0)")
     p.add_argument("--context", type=int, help="passkey: prompt + answer tokens (nanoseek/eval/passkey.py)")
     p.add_argument("--out", type=Path, help="output directory (default: MODEL/eval-TASK)")
+    p.add_argument("--baseline", type=Path, help="an earlier eval's output directory (or its samples.jsonl) "
+                   "on the same problems: report the pass@1 change paired by problem, with its standard error")
     a = p.parse_args(argv)
     if a.greedy:
         a.k, a.temperature = 1, 0.0
@@ -51,12 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         return passkey_main(a)
     try:
         check_flags(a)
+        baseline = read_baseline(a.baseline) if a.baseline else None
+        if baseline is not None:  # the same problems? (before sampling, which is the slow part)
+            problems = load_task(a.task, a.n, a.seed, a.split, digits=a.digits, ops=a.ops)
+            paired_difference(baseline, {t: [0.0] for t in prompt_texts(problems, a.instruction)})
         run = run_flags(a)
+        records = grade(run.problems, run.texts, run.samples)
+        summary = summarize(records, a.k, run.problems)
+        if baseline is not None:
+            summary["vs_baseline"] = {"baseline": str(a.baseline), **paired_difference(baseline, by_prompt(records))}
     except (EvalError, DataError, ValueError) as e:
         print(f"nanoseek eval: error: {e}", file=sys.stderr)
         return 2
-    records = grade(run.problems, run.texts, run.samples)
-    summary = summarize(records, a.k, run.problems)
     summary.update(task=a.task, model=str(a.model), temperature=a.temperature, top_p=a.top_p,
                    template=a.template, seconds=run.seconds, completions_per_s=len(records) / max(run.seconds, 1e-9))
     out = a.out or Path(a.model) / f"eval-{Path(a.task).stem}"
@@ -66,6 +78,34 @@ def main(argv: list[str] | None = None) -> int:
     print(table(summary))
     print(f"wrote {out / 'samples.jsonl'} and {out / 'summary.json'}")
     return 0
+
+
+def by_prompt(records: list[dict]) -> dict[str, list[float]]:
+    """Problem prompt -> correctness of each of its samples (1.0 correct), the pairing key of --baseline."""
+    out: dict[str, list[float]] = {}
+    for r in records:
+        out.setdefault(r["prompt"], []).append(float(r["correct"] >= 1.0))
+    return out
+
+
+def read_baseline(path: Path) -> dict[str, list[float]]:
+    """The graded samples of an earlier `nanoseek eval` (OUT/samples.jsonl), grouped by problem."""
+    file = path / "samples.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise EvalError(f"--baseline {path}: no samples.jsonl there (the output directory of an earlier nanoseek eval)")
+    records = []
+    with open(file, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                records.append({"prompt": str(r["prompt"]), "correct": float(r["correct"])})
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise EvalError(f"--baseline {file}:{i}: not a graded sample row ({e.__class__.__name__}: {e})") from None
+    if not records:
+        raise EvalError(f"--baseline {file}: no samples")
+    return by_prompt(records)
 
 
 def passkey_main(a) -> int:
@@ -98,6 +138,10 @@ def table(summary: dict) -> str:
             ("mean completion tokens", f"{summary['mean_tokens']:.1f}"),
             ("hit max-new-tokens", str(summary["truncated"])),
             ("completions/s", f"{summary['completions_per_s']:.2f}")]
+    if "vs_baseline" in summary:
+        v = summary["vs_baseline"]
+        rows.append(("pass@1 vs baseline", f"{v['before']:.3f} -> {v['after']:.3f}: {v['delta']:+.3f} ± {v['se']:.3f} "
+                     f"(paired se over {v['problems']} problems; {v['up']} up, {v['down']} down)"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
