@@ -167,3 +167,28 @@ def test_compiled_logps_fall_back_to_eager_with_one_line(monkeypatch, caplog):
     batch = Batch.of(comps)
     with torch.no_grad():
         assert torch.equal(completion_logps(m, batch, compiled=logps), completion_logps(m, batch))
+
+
+def test_compiled_logps_auto_mode_pays_rent_before_compiling(monkeypatch, tmp_path):
+    """The default (auto) runs eagerly until the eager update seconds reach the price of compiling:
+    COLD_LOGPS_COMPILE_S with no record, the recorded cost of this shape's last compile otherwise; a
+    step that compiled records its extra seconds over an eager step (the next run's price)."""
+    import nanoseek.rl.rollout as R
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the record lives in the cache dir
+    m = model()
+    cold = R.CompiledLogps(torch.device("cpu"), m, "auto")
+    assert cold.fn is None and cold.price == R.COLD_LOGPS_COMPILE_S
+    cold.after_update(R.COLD_LOGPS_COMPILE_S / 2)
+    assert cold.fn is None  # half the rent: still eager
+    cold.after_update(R.COLD_LOGPS_COMPILE_S / 2)
+    assert cold.fn is not None  # rent reached: compiled from the next update on
+    monkeypatch.setattr(R, "compiled_graphs", lambda: 6)  # the next update compiled a graph (5 -> 6)
+    cold._graphs = 5
+    cold.after_update(R.COLD_LOGPS_COMPILE_S / 2 + 4.0)  # an eager step took COLD/2: compiling cost 4 s
+    assert R.CompileRecord(m, tag="grpo-logps").compile_s == pytest.approx(4.0, abs=1e-3)
+    warm = R.CompiledLogps(torch.device("cpu"), m, "auto")  # a second run of this shape here
+    assert warm.price == pytest.approx(4.0, abs=1e-3) and warm.fn is None
+    warm.after_update(4.5)
+    assert warm.fn is not None
+    assert R.CompiledLogps(torch.device("cpu"), m, "on").fn is not None

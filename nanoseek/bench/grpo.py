@@ -12,9 +12,11 @@ per generation batch, and the task's accuracy reward. Rounds alternate between t
 busy machine slows both alike; a side's figure is its best step over the rounds (the range is
 printed too). The split: generation (nanoseek: the engine's rollouts; TRL: `_generate`) and the
 rest of the step (rewards, reference and policy forwards, backward, AdamW). nanoseek runs as
-`nanoseek grpo` does by default: its decode step and its log-prob forwards compiled (torch.compile,
+`nanoseek grpo --compile`: its decode step and its log-prob forwards compiled (torch.compile,
 inductor's artefacts cached on disk), so the first step of a round pays for compiling (printed, with
-its seconds); a side's best step is a steady one.
+its seconds); a side's best step is a steady one. (`nanoseek grpo` without the flag runs eagerly
+until the eager update time reaches what compiling cost here last time, then the same compiled steps:
+a long run's steady state; a short run on a cold cache stays eager.)
 
 What each side computes per step (P·G = N completions of C tokens): sampling with temperature 1 from
 the full distribution, one token per completion per decode step (KV/latent cache; TRL: a
@@ -58,7 +60,7 @@ def make_model(root: Path, overrides: list[str]) -> Path:
 
 
 def run_nanoseek(model_dir: Path, a, out: Path) -> list[tuple[float, float, float]]:
-    """--steps GRPO steps with `nanoseek grpo` (its defaults: compiled where a compiler is found);
+    """--steps GRPO steps with `nanoseek grpo --compile` (eager, with one line, where no compiler is found);
     returns (generation s, rest s, wall s spent compiling) per step."""
     from nanoseek.stages import grpo as stage
 
@@ -71,7 +73,7 @@ def run_nanoseek(model_dir: Path, a, out: Path) -> list[tuple[float, float, floa
                            "--num-generations", str(a.generations), "--max-completion-length",
                            str(a.completion_length), "--ignore-eos", "--beta", str(a.beta), "--num-iterations",
                            str(a.mu), "--steps", str(a.steps), "--reward", "accuracy=1", "--sample-every", "0",
-                           "--quiet", "--lr", "1e-5"])
+                           "--quiet", "--lr", "1e-5", "--compile"])
     finally:
         stage.time = wall
     if code:

@@ -142,7 +142,7 @@ class CompileRecord:
 COLD_COMPILE_S = 30.0
 
 
-def _graphs() -> int:
+def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
@@ -235,7 +235,7 @@ class CompiledSteps:
                     self.loaded[name] = None
         if self.partial:  # a warm start: what no package serves stays eager until compiling pays
             return self.eager[name](*args, **kwargs)
-        graphs, t0 = _graphs(), time.perf_counter()
+        graphs, t0 = compiled_graphs(), time.perf_counter()
         try:
             out = self.compiled[name](*args, **kwargs)
         except Exception as e:
@@ -244,7 +244,7 @@ class CompiledSteps:
             fall_back(e, name)
             self.compiled, self.mode = None, "off"
             return self.eager[name](*args, **kwargs)
-        if _graphs() != graphs:  # this call compiled a graph: its time is the price of compiling
+        if compiled_graphs() != graphs:  # this call compiled a graph: its time is the price of compiling
             self.just_compiled = True
             self.compile_s += time.perf_counter() - t0
             self.record.save(self.compile_s)

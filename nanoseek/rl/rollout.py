@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.inference import Engine, SamplingParams
-from nanoseek.inference.compiled import cache_dir, fall_back, is_compile_error, unavailable
+from nanoseek.inference.compiled import (CompileRecord, cache_dir, compiled_graphs, fall_back, is_compile_error,
+                                         unavailable)
 from nanoseek.model.moe import MoE
 
 log = logging.getLogger("nanoseek")
@@ -212,36 +213,75 @@ def token_logps(model, ids: torch.Tensor, starts: torch.Tensor, targets: torch.T
     return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
+# What compiling the log-prob forward and backward costs when no run of this shape compiled them
+# here before (no record): on the 2-core dev machine, cold, a static graph and then its dynamic
+# recompile took 2-5 minutes; a warm inductor cache takes seconds (and then records that).
+COLD_LOGPS_COMPILE_S = 120.0
+
+
 class CompiledLogps:
     """`token_logps` through torch.compile, for the reference forward and the policy's forward and
-    backward (`nanoseek grpo` by default): inductor fuses the elementwise work (RMSNorm, rope, SwiGLU,
-    the softmax) that an eager step spends a third of its time on. Shapes are static at first; a
-    second batch shape recompiles once with dynamic dimensions. Where compiling cannot work (no C++
-    compiler) or fails, one logged line and the eager forward from then on. `compile_s`: seconds of
-    the calls that compiled a graph (the backward compiles at its first call, inside loss.backward())."""
+    backward (`nanoseek grpo`): inductor fuses the elementwise work (RMSNorm, rope, SwiGLU, the
+    softmax) that an eager step spends a third of its time on. Shapes are static at first; a second
+    batch shape recompiles once with dynamic dimensions. Where compiling cannot work (no C++
+    compiler) or fails, one logged line and the eager forward from then on.
 
-    def __init__(self, device: torch.device):
-        reason = unavailable(device)
-        if reason:
-            log.warning("nanoseek: running the GRPO log-prob forward eagerly: %s", reason)
-        else:
+    mode "on" compiles from the first call; "auto" (the stage's default) is the engine's ski-rental
+    rule (`nanoseek.inference.compiled.CompiledSteps`): run eagerly, and compile once the update
+    seconds spent eagerly (`after_update`) reach the price of compiling — what it cost the last run
+    of this model shape here (`CompileRecord`, warm cache: seconds), else COLD_LOGPS_COMPILE_S — so a
+    short run never pays minutes of compiling and a long one compiles early.
+    `compile_s`: seconds of the forward calls that compiled a graph (the backward compiles at its
+    first call, inside loss.backward(), and is counted in the step's update time)."""
+
+    def __init__(self, device: torch.device, model=None, mode: str = "on"):
+        assert mode in ("on", "auto"), mode
+        self.mode, self.device, self.fn, self.compile_s = mode, device, None, 0.0
+        self.reason = unavailable(device)
+        if self.reason:
+            log.warning("nanoseek: running the GRPO log-prob forward eagerly: %s", self.reason)
+        self.record = CompileRecord(model, tag="grpo-logps") if model is not None and not self.reason else None
+        self.eager_s, self.eager_step, self.spent = 0.0, 0.0, 0.0
+        self._graphs = compiled_graphs()
+        if mode == "on":
+            self.enable()
+
+    @property
+    def price(self) -> float:
+        known = self.record.compile_s if self.record is not None else None
+        return COLD_LOGPS_COMPILE_S if known is None else known
+
+    def enable(self) -> None:
+        if self.fn is None and not self.reason:
             cache_dir()  # inductor's artefacts on disk (~/.cache/nanoseek/inductor), shared by runs
-        self.fn = None if reason else torch.compile(token_logps)
-        self.compile_s = 0.0
+            self.fn = torch.compile(token_logps)
+
+    def after_update(self, seconds: float) -> None:
+        """The seconds of one whole update (log-prob forwards, backward, optimizer step). Eager: the
+        auto mode's rent. Compiled: a step that compiled graphs records its extra time as the price."""
+        now = compiled_graphs()
+        compiled_now, self._graphs = now != self._graphs, now
+        if self.fn is None:
+            self.eager_s, self.eager_step = self.eager_s + seconds, seconds
+            if self.mode == "auto" and self.eager_s >= self.price:
+                self.enable()
+        elif compiled_now and self.record is not None:
+            self.spent += max(seconds - self.eager_step, 0.0)
+            self.record.save(self.spent)
 
     def __call__(self, model, ids, starts, targets, temperature: float = 1.0) -> torch.Tensor:
         if self.fn is None:
             return token_logps(model, ids, starts, targets, temperature)
-        graphs, t0 = torch._dynamo.utils.counters["stats"]["unique_graphs"], time.perf_counter()
+        graphs, t0 = compiled_graphs(), time.perf_counter()
         try:
             out = self.fn(model, ids, starts, targets, temperature)
         except Exception as e:
             if not is_compile_error(e):
                 raise
             fall_back(e, "GRPO log-prob forward")
-            self.fn = None
+            self.fn, self.reason = None, "compiling failed"
             return token_logps(model, ids, starts, targets, temperature)
-        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+        if compiled_graphs() != graphs:
             self.compile_s += time.perf_counter() - t0
         return out
 

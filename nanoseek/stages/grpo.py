@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the rollouts' decode step and the log-prob forwards (default: on, unless "
-                        "NANOSEEK_COMPILE=0; eager, with one line, where compiling cannot work): the first step "
-                        "pays for compiling, tens of seconds cold, a few from the disk cache")
+                   help="torch.compile the rollouts' decode step and the log-prob forwards now (--compile) or never "
+                        "(--no-compile). Default: automatic, as in `nanoseek generate`: eager first, compiled once "
+                        "the eager time spent reaches what compiling this shape cost here last time (seconds from "
+                        "a warm disk cache; minutes cold, so short runs stay eager). NANOSEEK_COMPILE=0/1 forces it")
     g.add_argument("--save-every", type=int_in(0), default=0, help="checkpoint every N steps (0: at the end only)")
     g.add_argument("--keep-last", type=int_in(0), default=2, help="checkpoints to keep (0: all)")
     g.add_argument("--sample-every", type=int_in(0), default=10, help="a table of completions every N steps (0: off)")
@@ -248,11 +249,14 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         raise RunError(f"the longest prompt ({max(map(len, prompts))} tokens) + --max-completion-length "
                        f"{a.max_completion_length} exceeds the model's context {policy.args.max_position_embeddings}")
     speculative = None if a.speculative == "none" else a.speculative
-    compile_on = a.compile if a.compile is not None else os.environ.get("NANOSEEK_COMPILE") != "0"
+    compile_mode = {True: "on", False: "off", None: "auto"}[a.compile]
+    if a.compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
+        compile_mode = "on" if os.environ["NANOSEEK_COMPILE"] == "1" else "off"
     engine = Engine(policy, max_batch_size=min(a.rollout_batch, a.prompts_per_step * a.num_generations),
-                    max_seq_len=max_len, speculative=speculative, compile=compile_on,
+                    max_seq_len=max_len, speculative=speculative, compile={"on": True, "off": False}.get(compile_mode),
                     record_routing=a.keep_routing, record_sampling_mask=a.keep_sampling_mask)
-    logps = CompiledLogps(device) if compile_on else None  # the training forwards (eager: None)
+    # the training forwards: compiled from the start (on), after the ski-rental rent (auto), or eager (None)
+    logps = CompiledLogps(device, policy, compile_mode) if compile_mode != "off" else None
     accuracy = R.accuracy_for(problems[0].task) if problems[0].task != "code" else None
 
     decay, no_decay = [], []
@@ -401,6 +405,8 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
                         _mix(ref, policy, a.ref_model_mixup_alpha)
             policy.eval()
             train_s = time.perf_counter() - t1
+            if logps is not None:
+                logps.after_update(train_s)
 
             # --- 4. bookkeeping ------------------------------------------------------------------------
             with stop.critical():
