@@ -115,11 +115,12 @@ def parse_args(argv):
     a.batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
     a.prompt_lens = [int(x) for x in a.prompt_lens.split(",")]
     a.peers = a.peers.split(",")
-    if a.model is not None:  # a model dir, or a run (RUN, RUN/checkpoints, the latest pointer)
-        try:
-            a.model = resolve_model_dir(a.model)
-        except CheckpointError as e:
-            p.error(f"--model {e}")
+    for flag in ("model", "mtp_model"):  # a model dir, or a run (RUN, RUN/checkpoints, the latest pointer)
+        if getattr(a, flag) is not None:
+            try:
+                setattr(a, flag, resolve_model_dir(getattr(a, flag)))
+            except CheckpointError as e:
+                p.error(f"--{flag.replace('_', '-')} {e}")
     a.tables = a.tables.split(",")
     a.e2e_shapes = a.e2e_shapes.split(",")
     a.e2e_new_tokens = [int(x) for x in a.e2e_new_tokens.split(",")]

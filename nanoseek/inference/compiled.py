@@ -34,11 +34,16 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("nanoseek")
+
+# torch 2.13 warns about its own pytree code whenever inductor reloads a cached graph (the TreeSpec
+# it pickled): a deprecation inside torch that the user can do nothing about, printed per load.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 # The engine never swaps the model's modules (weights change only in place), so Dynamo need not
 # re-check every module attribute on each call: that halves the per-call guard cost, a visible
