@@ -13,10 +13,10 @@ Design choices, with the measurements behind them (the `small` preset, 2-core CP
   mask, so the shape is static and one graph serves every step and every prompt length (the batch
   size stays a dynamic dimension). It cuts the per-token Python and kernel-launch overhead that
   dominates small models on CPU (tiny preset, batch 1, prompt 512: ~0.7 ms/step against ~2.2 ms
-  eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). One graph
-  serves every batch size: the routed experts' fp32 grouped GEMM is a custom op on CPU
-  (`model/moe.py`), so it no longer breaks the graph (a 64-row GRPO rollout step, tiny preset:
-  ~5.7 ms eager -> ~3.7 ms compiled).
+  eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). Every batch
+  size runs compiled (one graph while the MoE gathers experts, one past it): the routed experts' fp32
+  grouped GEMM is a custom op on CPU (`model/moe.py`), so it no longer breaks the graph (a 64-row
+  GRPO rollout step, tiny preset: ~5.7 ms eager -> ~3.7 ms compiled).
 * At batch 1 the compiled decode and greedy speculative steps are AOTInductor packages on disk
   (`aot.py`, `_packages`), which a later process loads in ~0.1 s instead of tracing for seconds.
 * A greedy speculative step (MTP draft + verify, `speculative.greedy_step`) is one compiled graph.
