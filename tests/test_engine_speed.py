@@ -259,3 +259,17 @@ def test_auto_speculation_catches_up_after_plain_steps(monkeypatch):
     engine.auto = Alternating()
     assert engine.generate(prompts, max_new_tokens=30, ignore_eos=True) == plain
     assert len(checked) > 20 and engine.stats["drafted"] > 0
+
+
+def test_warmup_covers_the_batch_where_the_moe_turns_grouped(monkeypatch):
+    """Warm-up decodes at batch 1, 2 and the first batch whose tokens x experts-per-token exceed the
+    experts (the MoE's grouped-GEMM graph), so a server never compiles that graph mid-traffic."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **SHAPE)).eval()  # 8 experts, 2 per token: grouped from batch 5
+    sizes = []
+    for max_batch, want in ((16, [1, 2, 5]), (3, [1, 2, 3]), (1, [1])):
+        engine = Engine(model, max_batch_size=max_batch, max_seq_len=24, compile=True, speculative=None)
+        monkeypatch.setattr(engine, "generate", lambda prompts, **kw: sizes.append(len(prompts)))
+        engine.warmup()
+        assert sizes == want, (max_batch, sizes)
+        sizes.clear()

@@ -187,7 +187,8 @@ class Engine:
     def warmup(self) -> None:
         """Compile the decode step now rather than during the first requests (unless compile=False
         or compiling cannot work here): a few tokens at batch 1 and at batch 2, since torch.compile
-        specialises batch 1 and serves every larger batch with one dynamic-size graph; in plain and
+        specialises batch 1 and serves larger batches with a dynamic-size graph, and at the batch where
+        the MoE turns to its grouped GEMM (a second dynamic graph); in plain and
         speculative mode when the checkpoint has MTP modules. Batch 1 builds the ahead-of-time
         packages (aot.py). With a warm disk cache this loads the compiled artefacts rather than
         compiling them."""
@@ -197,8 +198,13 @@ class Engine:
         # both modes whenever the checkpoint has MTP modules, so that every ahead-of-time package
         # exists afterwards (a warm start of any engine of this shape then compiles at once)
         modes = [None, "mtp"] if self.depth else [None]
+        # and at the first batch whose tokens x experts-per-token exceed the experts: the MoE switches
+        # from gathering the chosen experts to the grouped GEMM there, a second dynamic graph that would
+        # otherwise compile in the middle of serving (a stall of a minute on a small CPU)
+        E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 1
+        sizes = {1, min(2, self.max_batch_size)} | ({min(E // K + 1, self.max_batch_size)} if E else set())
         for mode in modes:
-            for n in sorted({1, min(2, self.max_batch_size)}):
+            for n in sorted(sizes):
                 self.generate([[0] * length] * n, max_new_tokens=length, ignore_eos=True, speculative=mode)
 
     # --- continuous batching ---------------------------------------------------------------
