@@ -13,10 +13,11 @@ Design choices, with the measurements behind them (the `small` preset, 2-core CP
   mask, so the shape is static and one graph serves every step and every prompt length (the batch
   size stays a dynamic dimension). It cuts the per-token Python and kernel-launch overhead that
   dominates small models on CPU (tiny preset, batch 1, prompt 512: ~0.7 ms/step against ~2.2 ms
-  eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). Every batch
-  size runs compiled (one graph while the MoE gathers experts, one past it): the routed experts' fp32
-  grouped GEMM is a custom op on CPU (`model/moe.py`), so it no longer breaks the graph (a 64-row
-  GRPO rollout step, tiny preset: ~5.7 ms eager -> ~3.7 ms compiled).
+  eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). On CPU (and
+  in bf16) every batch size runs compiled (one graph while the MoE gathers experts, one past it): the
+  routed experts' fp32 grouped GEMM is a custom op on CPU (`model/moe.py`), so it does not break the
+  graph (a 64-row GRPO rollout step, tiny preset: ~5.7 ms eager -> ~3.7 ms compiled). fp32 on a GPU
+  compiles only the gathered-experts path: past it a per-expert loop breaks the graph.
 * At batch 1 the compiled decode and greedy speculative steps are AOTInductor packages on disk
   (`aot.py`, `_packages`), which a later process loads in ~0.1 s instead of tracing for seconds.
 * A greedy speculative step (MTP draft + verify, `speculative.greedy_step`) is one compiled graph.
@@ -125,6 +126,17 @@ class Decoder:
                                 verify_kv_len, self.absorbed)
 
     # --- compiled or eager -------------------------------------------------------------------
+    def graph_fits(self, tokens: int) -> bool:
+        """Would the compiled graph serve a forward over `tokens` tokens whole? On CPU and in bf16 always
+        (the grouped GEMM traces); fp32 on a GPU only while the MoE layers take their gathered-experts
+        path (tokens × experts per token <= routed experts): past it, the per-expert loop of
+        `moe.grouped_mm` breaks the graph, and a broken graph measured slower than eager."""
+        gathered = tokens * self.args.num_experts_per_tok <= self.args.n_routed_experts
+        return gathered or self.dtype == torch.bfloat16 or self.device.type == "cpu"
+
+    def _compiled(self, rows: int, tokens: int) -> bool:
+        return self.steps.covers(rows) and self.graph_fits(tokens)
+
     def _kv_len(self, compiled: bool, needed: int) -> int:
         """Cache rows attention reads: just what is needed in eager mode; all of them when compiled,
         so the compiled step has one static shape (gpt-fast style) instead of a new one per length."""
@@ -133,7 +145,7 @@ class Decoder:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, needed: int):
         """The decode/verify forward over cache rows 0..n-1, compiled or eager; `needed`: rows in use.
         ids, positions [n, T] -> (logits [n, T, V], hidden [n, T, hidden])."""
-        compiled = self.steps.covers(ids.shape[0])
+        compiled = self._compiled(ids.shape[0], ids.numel())
         return self.steps.call("decode step", compiled, ids, positions, self.cache.rows(0, ids.shape[0]),
                                self._kv_len(compiled, needed))
 
@@ -188,7 +200,7 @@ class Decoder:
         tokens = torch.tensor([[r.token_at(p) for p in range(r.pos - W, r.pos + 1)] + [0] * D for r in reqs],
                               device=self.device)  # positions newest-W .. newest+D
         hidden = torch.stack([r.hidden for r in reqs])
-        compiled = self.steps.covers(n)
+        compiled = self._compiled(n, positions.numel())
         most = max(r.pos for r in reqs)
         if compiled and all(r.params.greedy for r in reqs):  # draft and verify in one compiled call
             kv = self._kv_len(compiled, most)

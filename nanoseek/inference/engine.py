@@ -264,7 +264,7 @@ class Engine:
                 # catching the MTP cache up is the price of switching, not of a speculative step
                 self.auto.record(n, speculate, seconds - self.decoder.catch_up_s, len(new) / n)
             # rent for the automatic compile: eager steps that a compiled graph would have run
-            if not self.steps.covers(n) and self.steps.after_eager_step(seconds):
+            if not self.steps.covers(n) and self.decoder.graph_fits(n) and self.steps.after_eager_step(seconds):
                 self.auto = AutoSpeculation()  # compiled steps cost differently: measure again
             self._stats["decode_s"] += seconds
             self._stats["decode_tokens"] += len(new)
