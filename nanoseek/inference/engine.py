@@ -203,9 +203,13 @@ class Engine:
         # otherwise compile in the middle of serving (a stall of a minute on a small CPU)
         E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 1
         sizes = {1, min(2, self.max_batch_size)} | ({min(E // K + 1, self.max_batch_size)} if E else set())
-        for mode in modes:
-            for n in sorted(sizes):
-                self.generate([[0] * length] * n, max_new_tokens=length, ignore_eos=True, speculative=mode)
+        self.decoder.warming = True  # the compiled graphs, even where a short warm-up would run eagerly
+        try:
+            for mode in modes:
+                for n in sorted(sizes):
+                    self.generate([[0] * length] * n, max_new_tokens=length, ignore_eos=True, speculative=mode)
+        finally:
+            self.decoder.warming = False
 
     # --- continuous batching ---------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
