@@ -91,8 +91,15 @@ def compile_fn(fn, what: str, device: torch.device):
 
 def is_compile_error(e: Exception) -> bool:
     """Did this exception come from compiling (Dynamo, inductor, the C++ compiler) rather than from
-    running the model? Only those fall back to eager."""
+    running the model? Only those fall back to eager. A Ctrl-C that inductor wrapped while compiling
+    is the user's, not a compile failure: it is raised again as KeyboardInterrupt."""
     from torch._dynamo import exc
+
+    cause = e
+    while cause is not None:
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from e
+        cause = cause.__cause__ or cause.__context__
 
     errors = (exc.BackendCompilerFailed, exc.Unsupported, exc.InternalTorchDynamoError)
     return isinstance(e, errors) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
