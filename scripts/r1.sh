@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The DeepSeek-R1 story at tiny scale, one `nanoseek` command per stage (~30 minutes on 2 idle cores).
+# The DeepSeek-R1 story at tiny scale, one `nanoseek` command per stage (~43 minutes on one core).
 #
 #   bash scripts/r1.sh                                   # RUN=runs/r1, 2-digit sums by default
-#   RUN=runs/r1b RL_STEPS=120 K=16 bash scripts/r1.sh
+#   RUN=runs/r1b RL_STEPS=120 N_TEST=100 K=8 bash scripts/r1.sh   # faster evals, more RL
 #
 # tiny base model (pre-trained on the embedded code corpus) -> cold-start SFT on a few hundred worked
 # arithmetic solutions (column by column in <think>, answer boxed) -> eval -> GRPO with accuracy +
