@@ -35,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from nanoseek.atomic import write_atomic
@@ -371,6 +373,10 @@ def interactive(a, rt: Runtime, model, tokenizer) -> int:
     max_seq_len = context_of(a, model) if a.max_seq_len else min(model.args.max_position_embeddings,
                                                                   INTERACTIVE_MAX_SEQ_LEN)
     engine = make_engine(a, rt, model, tokenizer, 1, max_seq_len)
+    # Ctrl-C is how a chat ends or a reply stops, even when our parent ignored SIGINT (a process started
+    # in the background by a script, or from a parent that ignores it, inherits SIG_IGN)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     print("nanoseek chat: /clear starts over, /exit (or Ctrl-C, Ctrl-D) quits, Ctrl-C stops a reply",
           file=sys.stderr)
     messages: list[dict] = []
