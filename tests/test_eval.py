@@ -164,3 +164,13 @@ def test_sample_real_engine_and_worked(model_dir, tmp_path):
     assert cli(["sample", "--worked", "--task", "arithmetic", "--digits", "2", "--ops", "+", "--n", "5", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(" + " in r["messages"][0]["content"] for r in rows)
+
+
+def test_eval_baseline_unreadable_or_torn_is_one_line(model_dir, tmp_path, capsys):
+    # Catches: a non-UTF-8 or torn baseline file ending in a traceback (or an error without its name).
+    for name, data, says in (("bin.jsonl", b"\xff\xfe\n", "cannot read it"), ("torn.jsonl", b'{"prompt": "x"\n', ":1: not a graded")):
+        (tmp_path / name).write_bytes(data)
+        assert cli(["eval", "--model", str(model_dir), "--task", "arithmetic", "--quiet",
+                    "--baseline", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and name in err and len(err.splitlines()) == 1

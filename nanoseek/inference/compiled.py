@@ -89,6 +89,14 @@ def compile_fn(fn, what: str, device: torch.device):
     return torch._dynamo.config.patch(specialize_float=True)(compiled)
 
 
+def compile_mode(compile: bool | None) -> str:
+    """The `compile=` flag of the engine and `nanoseek grpo` as a mode: True "on", False "off", None
+    "auto" unless NANOSEEK_COMPILE=1 / 0 forces "on" / "off"."""
+    if compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
+        compile = os.environ["NANOSEEK_COMPILE"] == "1"
+    return {True: "on", False: "off", None: "auto"}[compile]
+
+
 def is_compile_error(e: Exception) -> bool:
     """Did this exception come from compiling (Dynamo, inductor, the C++ compiler) rather than from
     running the model? Only those fall back to eager. A Ctrl-C that inductor wrapped while compiling

@@ -36,7 +36,6 @@ Design choices:
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from typing import Iterator
@@ -44,6 +43,7 @@ from typing import Iterator
 import torch
 
 from ..model.indexer import set_fp8_keys
+from .compiled import compile_mode
 from .decode import Decoder
 from .prefill import default_chunk, groups, prefill_group
 from .request import Request, RequestFailed, StepEvent, check_prompt
@@ -97,9 +97,7 @@ class Engine:
         self.record_sampling_mask = record_sampling_mask
         if record_routing:  # routing is read off the eager forward
             compile = False
-        if compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
-            compile = os.environ["NANOSEEK_COMPILE"] == "1"
-        mode = {True: "on", False: "off", None: "auto"}[compile]
+        mode = compile_mode(compile)
         # The caches and the per-step hot path (decode and verify forwards, MTP drafts).
         self.decoder = Decoder(model, max_batch_size, max_seq_len, absorbed, mode, self.fp8_index_keys, record_routing)
         self.device = self.decoder.device

@@ -237,7 +237,7 @@ class CompiledLogps:
 
     def __init__(self, device: torch.device, model=None, mode: str = "on"):
         assert mode in ("on", "auto"), mode
-        self.mode, self.device, self.fn, self.compile_s = mode, device, None, 0.0
+        self.mode, self.fn, self.compile_s = mode, None, 0.0
         self.reason = unavailable(device)
         if self.reason:
             log.warning("nanoseek: running the GRPO log-prob forward eagerly: %s", self.reason)

@@ -94,15 +94,18 @@ def read_baseline(path: Path) -> dict[str, list[float]]:
     if not file.is_file():
         raise EvalError(f"--baseline {path}: no samples.jsonl there (the output directory of an earlier nanoseek eval)")
     records = []
-    with open(file, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                records.append({"prompt": str(r["prompt"]), "correct": float(r["correct"])})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise EvalError(f"--baseline {file}:{i}: not a graded sample row ({e.__class__.__name__}: {e})") from None
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"--baseline {file}: cannot read it ({e.__class__.__name__}: {e})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            records.append({"prompt": str(r["prompt"]), "correct": float(r["correct"])})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise EvalError(f"--baseline {file}:{i}: not a graded sample row ({e.__class__.__name__}: {e})") from None
     if not records:
         raise EvalError(f"--baseline {file}: no samples")
     return by_prompt(records)

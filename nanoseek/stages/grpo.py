@@ -40,7 +40,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -54,6 +53,7 @@ from nanoseek.cli import float_in, int_in
 from nanoseek.data import DataError
 from nanoseek.eval.runner import EvalError, build_prompt, load_model
 from nanoseek.inference import Engine
+from nanoseek.inference.compiled import compile_mode
 from nanoseek.model import ConfigError, Transformer
 from nanoseek.rl import rewards as R
 from nanoseek.rl.grpo import group_advantages, grpo_loss
@@ -249,14 +249,12 @@ def train(a: argparse.Namespace, explicit: set[str], stop: Interrupts) -> int:
         raise RunError(f"the longest prompt ({max(map(len, prompts))} tokens) + --max-completion-length "
                        f"{a.max_completion_length} exceeds the model's context {policy.args.max_position_embeddings}")
     speculative = None if a.speculative == "none" else a.speculative
-    compile_mode = {True: "on", False: "off", None: "auto"}[a.compile]
-    if a.compile is None and os.environ.get("NANOSEEK_COMPILE") in ("0", "1"):
-        compile_mode = "on" if os.environ["NANOSEEK_COMPILE"] == "1" else "off"
+    mode = compile_mode(a.compile)
     engine = Engine(policy, max_batch_size=min(a.rollout_batch, a.prompts_per_step * a.num_generations),
-                    max_seq_len=max_len, speculative=speculative, compile={"on": True, "off": False}.get(compile_mode),
+                    max_seq_len=max_len, speculative=speculative, compile=a.compile,
                     record_routing=a.keep_routing, record_sampling_mask=a.keep_sampling_mask)
     # the training forwards: compiled from the start (on), after the ski-rental rent (auto), or eager (None)
-    logps = CompiledLogps(device, policy, compile_mode) if compile_mode != "off" else None
+    logps = CompiledLogps(device, policy, mode) if mode != "off" else None
     accuracy = R.accuracy_for(problems[0].task) if problems[0].task != "code" else None
 
     decay, no_decay = [], []
