@@ -43,7 +43,7 @@ print(json.dumps(dict(out=out, compiled=engine.stats["compiled"], at_init=at_ini
                       **{{k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}})))
 """
 SHAPE = dict(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=1, vocab_size=256,
-             max_position_embeddings=64)
+             max_position_embeddings=96)
 
 
 def compiled_shape() -> Transformer:
@@ -98,6 +98,46 @@ def test_default_engine_compiles_and_gives_the_eager_tokens(monkeypatch):
     auto = Engine(model, max_batch_size=1, max_seq_len=24)
     assert auto.generate([PROMPT], max_new_tokens=4, ignore_eos=True) == [want[0][:4]]
     assert auto.stats["compiled"]
+
+
+def test_a_lone_long_prompt_prefills_through_its_compiled_package():
+    """A prompt of >= PREFILL_MIN tokens prefilled alone runs the ahead-of-time prefill package once
+    compiling is on (with the MTP caches for speculation: its own package): the cache rows, MTP state
+    and first-token logits it leaves are the eager ones, so are the tokens; shorter prompts stay eager."""
+    from nanoseek.inference.decode import PREFILL_MIN
+    from nanoseek.inference.prefill import whole_prompt
+
+    model = compiled_shape()
+    prompt = [(7 * i) % 250 + 3 for i in range(PREFILL_MIN + 6)]
+    eager = Engine(model, max_batch_size=1, max_seq_len=90, compile=False)
+    engine = Engine(model, max_batch_size=1, max_seq_len=90, compile=True)
+    for mode in (None, "mtp"):
+        assert engine.generate([prompt], max_new_tokens=4, ignore_eos=True, speculative=mode) == \
+            eager.generate([prompt], max_new_tokens=4, ignore_eos=True, speculative=mode)
+    assert engine.steps.loaded["prefill"] is not None and engine.steps.loaded["MTP prefill"] is not None
+    # the package against the eager function, on fresh caches: hidden states and every cache row written
+    ids = torch.tensor([prompt + [0, 0]])
+    out = {}
+    for name, fn in (("package", engine.decoder.prefill), ("eager", lambda *a: whole_prompt(model, *a))):
+        cache = [torch.zeros(1, 80, w.shape[-1]) for w in engine.cache.rows(0, 1)]
+        mtp = [torch.zeros(1, 80, w.shape[-1]) for w in engine.decoder.mtp_cache.rows(0, 1)]
+        with torch.inference_mode():
+            out[name] = (fn(ids, cache, mtp), cache, mtp)
+    (h, c, m), (h0, c0, m0) = out["package"], out["eager"]
+    assert h.shape == (1, 2, model.args.hidden_size)
+    torch.testing.assert_close(h, h0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(c + m, c0 + m0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert c[0][0, len(prompt) - 1].abs().sum() > 0 and c[0][0, len(prompt):].abs().sum() == 0
+    # a short prompt is prefilled eagerly (the package's shortest is PREFILL_MIN tokens)
+    calls = []
+    package = engine.steps.loaded["prefill"]
+    engine.steps.loaded["prefill"] = lambda *a: calls.append(len(a)) or package(*a)
+    assert engine.generate([PROMPT], max_new_tokens=2, ignore_eos=True, speculative=None) == \
+        eager.generate([PROMPT], max_new_tokens=2, ignore_eos=True, speculative=None)
+    assert calls == []
+    engine.generate([prompt], max_new_tokens=2, ignore_eos=True, speculative=None)
+    assert len(calls) == 1
 
 
 def test_compiling_that_cannot_work_falls_back_to_eager(monkeypatch, caplog):

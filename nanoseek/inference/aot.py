@@ -46,14 +46,18 @@ class Flat(nn.Module):
 
 class Package:
     """One AOTInductor package of `module` (a `Flat`) at `path`. `dynamic`: per flat argument, the
-    dims that vary ({dim: name}); dims sharing a name vary together.
+    dims that vary ({dim: name}); dims sharing a name vary together; `minimum` {name: size}: the
+    smallest size a dim may take (default 2), for code that branches on a size (the MoE gathers
+    experts for a few tokens and runs its grouped GEMM past them: export needs the branch fixed).
 
     `load()` -> a callable over the flat tensors, or None (one logged line) if the file is missing
     or cannot be used; `build(example)` exports and compiles it (written atomically), then loads it.
     """
 
-    def __init__(self, module: Flat, path: Path, dynamic: list[dict[int, str]], what: str):
+    def __init__(self, module: Flat, path: Path, dynamic: list[dict[int, str]], what: str,
+                 minimum: dict[str, int] | None = None):
         self.module, self.path, self.dynamic, self.what = module, Path(path), dynamic, what
+        self.minimum = minimum or {}
 
     @property
     def exists(self) -> bool:
@@ -90,7 +94,7 @@ class Package:
 
         t0 = time.perf_counter()
         dims: dict[str, Dim] = {}
-        shapes = tuple({d: dims.setdefault(name, Dim(name, min=2, max=1 << 24)) for d, name in spec.items()} or None
+        shapes = tuple({d: dims.setdefault(name, Dim(name, min=self.minimum.get(name, 2), max=1 << 24)) for d, name in spec.items()} or None
                        for spec in self.dynamic)
         tmp = None
         try:

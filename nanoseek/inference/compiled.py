@@ -54,8 +54,13 @@ OPTIONS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe
 
 def cache_dir() -> Path:
     """Where inductor keeps compiled artefacts: TORCHINDUCTOR_CACHE_DIR, set to
-    ~/.cache/nanoseek/inductor when unset (before the first compile, so inductor uses it)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    ~/.cache/nanoseek/inductor when unset (before the first compile, so inductor uses it).
+    Importing torch._dynamo (model code can do that early) sets the variable to inductor's own
+    /tmp default as a side effect: that value counts as unset (inductor reads the variable again
+    at each use, so ours wins)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "nanoseek" / "inductor")
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
@@ -180,14 +185,19 @@ class CompiledSteps:
     AOTInductor package serves it (batch 1), else None. Compiled calls it serves load the package
     (building it the first time); when every package is on disk already (a warm start: loading
     costs ~0.1 s, less than a few eager steps) the automatic mode compiles from the first step.
+    package_only: names that run compiled only as a package (the prefill: torch.compile would trace
+    a graph per prompt length), eagerly otherwise; not needed for a warm start, and built only
+    once compiling is fully on (never by the warm start's partial mode, which only loads them).
     """
 
-    def __init__(self, eager: dict, model, mode: str, device: torch.device, packages: dict | None = None):
+    def __init__(self, eager: dict, model, mode: str, device: torch.device, packages: dict | None = None,
+                 package_only: tuple[str, ...] = ()):
         assert mode in ("on", "off", "auto"), mode
         self.eager, self.mode, self.device = eager, mode, device
         self.compiled: dict | None = None
         self.record = CompileRecord(model) if mode != "off" else None
         self.packages = packages or {}
+        self.package_only = set(package_only)
         self.loaded: dict = {}  # name -> the loaded package, or None where it could not be had
         self.eager_s = 0.0  # eager decode seconds so far (auto mode's rent)
         self.compile_s = 0.0  # seconds spent in calls that compiled a graph (or built / loaded a package)
@@ -204,7 +214,8 @@ class CompiledSteps:
     @property
     def warm(self) -> bool:
         """Every AOTInductor package is on disk (there is at least one)."""
-        return bool(self.packages) and all(package.exists for package, _ in self.packages.values())
+        needed = [package for name, (package, _) in self.packages.items() if name not in self.package_only]
+        return bool(needed) and all(package.exists for package in needed)
 
     @property
     def active(self) -> bool:
@@ -231,7 +242,8 @@ class CompiledSteps:
         """Compile from now on (lazily, at each new shape). False (and one logged line) if it cannot work."""
         self.partial = False
         if not self.compiled and self.mode != "off":
-            fns = {name: compile_fn(fn, name, self.device) for name, fn in self.eager.items()}
+            fns = {name: compile_fn(fn, name, self.device) for name, fn in self.eager.items()
+                   if name not in self.package_only}
             if any(f is None for f in fns.values()):
                 self.compiled, self.mode = None, "off"
                 return False
@@ -244,6 +256,8 @@ class CompiledSteps:
             return self.eager[name](*args, **kwargs)
         if name in self.packages:
             flat = self.packages[name][1](*args, **kwargs)
+            if flat is not None and self.partial and name in self.package_only and not self.packages[name][0].exists:
+                flat = None  # a warm start loads, but builds nothing until compiling pays
             run = None if flat is None else self._package(name, flat)
             if run is not None:
                 try:
@@ -253,8 +267,8 @@ class CompiledSteps:
                     log.warning("nanoseek: the compiled %s package failed (%s: %s); using torch.compile for it",
                                 name, type(e).__name__, text.splitlines()[0][:200] if text else "")
                     self.loaded[name] = None
-        if self.partial:  # a warm start: what no package serves stays eager until compiling pays
-            return self.eager[name](*args, **kwargs)
+        if self.partial or name in self.package_only:  # a warm start: what no package serves stays eager
+            return self.eager[name](*args, **kwargs)      # until compiling pays; package-only steps always
         graphs, t0 = compiled_graphs(), time.perf_counter()
         try:
             out = self.compiled[name](*args, **kwargs)

@@ -20,6 +20,8 @@ Design choices, with the measurements behind them (the `small` preset, 2-core CP
   compiles only the gathered-experts path: past it a per-expert loop breaks the graph.
 * At batch 1 the compiled decode and greedy speculative steps are AOTInductor packages on disk
   (`aot.py`, `_packages`), which a later process loads in ~0.1 s instead of tracing for seconds.
+  So is a lone prompt's prefill (`prefill`, one package per prompt-length range, with and without
+  the MTP caches), from PREFILL_MIN tokens: below that, prefill is a small share of a generation.
 * A greedy speculative step (MTP draft + verify, `speculative.greedy_step`) is one compiled graph.
   With speculative="auto", plain steps keep each request's newest main hidden states; when
   speculation turns on, the MTP cache rows the plain steps skipped are written first (`catch_up`).
@@ -33,6 +35,7 @@ import torch
 
 from . import speculative as spec
 from .cache import LatentCache
+from .prefill import whole_prompt
 from .aot import Flat, Package
 from .compiled import CompiledSteps, CompileRecord, cache_dir
 from .request import Request, per_row
@@ -41,6 +44,9 @@ from .request import Request, per_row
 CATCH_UP_ROWS = 256
 # batch > 1: compiled steps (which read every cache row) only while the rows in use are >= 1/this of them
 FULL_READ_MAX = 4
+# The shortest prompt the compiled prefill package serves (at least the tokens past which the MoE
+# runs its grouped GEMM: export fixes that branch).
+PREFILL_MIN = 64
 
 
 class Decoder:
@@ -67,9 +73,16 @@ class Decoder:
         self.routing: list | None = None  # the last decode/verify forward's Routing list (record_routing)
         self.catch_up_s = 0.0  # seconds spent in `catch_up` since the engine reset this
         self.warming = False  # Engine.warmup: compile every graph, whatever the rows in use
+        # the compiled prefill's shortest prompt; the MoE's branch point, and none under DSA (its
+        # indexer branches on the prompt's length against index_topk)
+        E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 1
+        self.prefill_min = None if self.args.dsa else max(PREFILL_MIN, E // K + 1)
         self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step,
-                                    "speculative step": self._greedy_speculative_step}, model, compile_mode,
-                                   self.device, self._packages() if compile_mode != "off" else None)
+                                    "speculative step": self._greedy_speculative_step,
+                                    "prefill": self._whole_prompt, "MTP prefill": self._whole_prompt},
+                                   model, compile_mode, self.device,
+                                   self._packages() if compile_mode != "off" else None,
+                                   package_only=("prefill", "MTP prefill"))
 
     def _packages(self) -> dict:
         """The batch-1 decode and greedy speculative steps as AOTInductor packages (aot.py): name ->
@@ -92,15 +105,32 @@ class Decoder:
             whole = kv_len == verify_kv_len == cache[0].shape[1]
             return (prev, tokens, positions, newest, *cache, *mtp_cache) if prev.shape[0] == 1 and whole else None
 
-        def package(name, fn, flat, n_fixed, n_cache):
+        D, shortest = self.depth, self.prefill_min
+
+        def prefill(ids, *caches):
+            return (whole_prompt(model, ids, list(caches[:L]), list(caches[L:]) or None),)
+
+        def prefill_flat(ids, cache, mtp_cache):  # a lone prompt of >= PREFILL_MIN tokens
+            fits = ids.shape[0] == 1 and ids.shape[1] - D - 1 >= shortest
+            return (ids, *cache, *(mtp_cache or ())) if fits else None
+
+        def package(name, fn, flat, n_fixed, n_cache, prompt=False):
             key = CompileRecord(model, tag=f"aoti|{name}|absorbed={absorbed}").key
             path = cache_dir() / "aoti" / f"{name.replace(' ', '-')}-{key}.pt2"
             dynamic = [{}] * n_fixed + [{1: "cache_len"}] * n_cache  # one package for every max_seq_len
-            return Package(Flat(model, fn), path, dynamic, name), flat
+            minimum = None
+            if prompt:  # the prompt's length varies too (ids [1, T + D + 1]); the cache holds >= T rows
+                dynamic = [{1: "prompt"}] + dynamic[1:]
+                minimum = {"prompt": shortest + D + 1, "cache_len": shortest}
+            return Package(Flat(model, fn), path, dynamic, name, minimum), flat
 
         out = {"decode step": package("decode step", decode, decode_flat, 2, L)}
         if self.depth:
             out["speculative step"] = package("speculative step", speculative, speculative_flat, 4, L + self.depth)
+        if shortest is not None:
+            out["prefill"] = package("prefill", prefill, prefill_flat, 1, L, prompt=True)
+            if self.depth:
+                out["MTP prefill"] = package("MTP prefill", prefill, prefill_flat, 1, L + self.depth, prompt=True)
         return out
 
     def add_mtp_cache(self) -> None:
@@ -122,6 +152,9 @@ class Decoder:
         if self.record_routing:
             self.routing = out.routing
         return out.logits, out.hidden
+
+    def _whole_prompt(self, ids: torch.Tensor, cache: list, mtp_cache: list | None) -> tuple[torch.Tensor]:
+        return (whole_prompt(self.model, ids, cache, mtp_cache),)  # a tuple, as the package returns
 
     def _greedy_speculative_step(self, prev, tokens, positions, newest, cache, mtp_cache, kv_len, verify_kv_len):
         """spec.greedy_step with this engine's model and attention path (compiled as one graph)."""
@@ -157,6 +190,26 @@ class Decoder:
         compiled = self._compiled(ids.shape[0], ids.numel(), needed)
         return self.steps.call("decode step", compiled, ids, positions, self.cache.rows(0, ids.shape[0]),
                                self._kv_len(compiled, needed))
+
+    def prefill(self, ids: torch.Tensor, cache: list, mtp_cache: list | None) -> torch.Tensor:
+        """`prefill.whole_prompt` for a lone prompt, as its package once compiling is on (eager below
+        PREFILL_MIN tokens, or where no package can be had)."""
+        name = "prefill" if mtp_cache is None else "MTP prefill"
+        return self.steps.call(name, self.steps.active, ids, cache, mtp_cache)[0]
+
+    def build_prefill(self) -> None:
+        """Load (or build) the prefill packages now, on a throwaway cache of PREFILL_MIN rows: the
+        warm-up's own prompts are shorter than any the packages serve. Not for an engine whose
+        prompts cannot be that long."""
+        if "prefill" not in self.steps.packages or self.max_len <= self.prefill_min:
+            return
+        D, T = self.depth, self.prefill_min
+        ids = torch.zeros(1, T + D + 1, dtype=torch.long, device=self.device)
+        cache = LatentCache(self.args, self.args.num_hidden_layers, 1, T, self.dtype, self.device, self.fp8_index_keys)
+        mtp = LatentCache(self.args, D, 1, T, self.dtype, self.device, self.fp8_index_keys) if D else None
+        self.prefill(ids, cache.rows(0, 1), None)
+        if mtp is not None:
+            self.prefill(ids, cache.rows(0, 1), mtp.rows(0, 1))
 
     def _mtp_step(self, compiled: bool):
         return lambda *args, **kwargs: self.steps.call("MTP draft step", compiled, *args, **kwargs)

@@ -188,7 +188,7 @@ class Engine:
         specialises batch 1 and serves larger batches with a dynamic-size graph, and at the batch where
         the MoE turns to its grouped GEMM (a second dynamic graph); in plain and
         speculative mode when the checkpoint has MTP modules. Batch 1 builds the ahead-of-time
-        packages (aot.py). With a warm disk cache this loads the compiled artefacts rather than
+        packages (aot.py), the prefill's too. With a warm disk cache this loads the compiled artefacts rather than
         compiling them."""
         if not self.steps.enable():
             return
@@ -206,6 +206,7 @@ class Engine:
             for mode in modes:
                 for n in sorted(sizes):
                     self.generate([[0] * length] * n, max_new_tokens=length, ignore_eos=True, speculative=mode)
+            self.decoder.build_prefill()  # a lone long prompt's prefill (the prompts above are too short)
         finally:
             self.decoder.warming = False
 
@@ -463,7 +464,7 @@ class Engine:
         mtp = self.speculative == "mtp" or (self.speculative == "auto" and self._agreed(self.auto.wants_mtp))
         mtp_cache = self.decoder.mtp_cache.rows(row, row + g) if mtp else None
         return prefill_group(self.model, group, self.cache.rows(row, row + g), mtp_cache, self.prefill_chunk,
-                             self.record_routing)
+                             self.record_routing, whole=self.decoder.prefill)
 
     def _drop_finished(self) -> None:
         for row in range(len(self.running) - 1, -1, -1):
