@@ -8,9 +8,12 @@
 # arithmetic solutions (column by column in <think>, answer boxed) -> eval -> GRPO with accuracy +
 # format rewards -> eval (pass@1 over K samples, cons@K, on the test split) -> rejection sampling from
 # the RL model -> distillation (SFT only) into a smaller student -> eval of the student, beside the
-# same student trained with its own cold start + GRPO (R1's finding: distillation beats the small
-# model's own RL). Plus the R1-Zero arm: GRPO straight from the base model with R1-Zero's template,
-# reporting what it learns (format rate, accuracy, length over steps: RUN/r1zero/report.md).
+# same student trained with its own RL: R1's comparison (its Table 6: Qwen-32B-Base + large-scale RL,
+# R1-Zero style, against the same base distilled from R1) is GRPO straight from the student's base
+# with R1-Zero's template (R1's finding: distillation beats the small model's own RL); and the
+# student with its own cold start + GRPO (the cold start is itself distillation, from the exact
+# worked-solution generator). Plus the R1-Zero arm: GRPO straight from the base model with R1-Zero's
+# template, reporting what it learns (format rate, accuracy, length over steps: RUN/r1zero/report.md).
 # The before/after table is printed at the end (RUN/*/eval/summary.json).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,9 +61,14 @@ stage "eval: the student after its own RL";  nanoseek eval --model "$RUN/student
 stage "sample: rejection sampling from the RL model";  nanoseek sample --model "$RUN/rl" "${TASK[@]}" --n "$DISTILL_N" --seed 1 --k 2 --think --max-new-tokens "$MAX_TOKENS" --max-per-prompt 1 --quiet --out "$RUN/distill.jsonl"
 stage "sft: distillation into the student";  nanoseek sft --model "$RUN/student-base" --data "$RUN/distill.jsonl" --out "$RUN/student-distilled" "${SFT[@]}"
 stage "eval: distilled student (against its own RL)";  nanoseek eval --model "$RUN/student-distilled" "${TASK[@]}" "${EVAL[@]}" --out "$RUN/student-distilled/eval" --baseline "$RUN/student-rl/eval"
-stage "grpo: R1-Zero from the base model";  nanoseek grpo --model "$RUN/base" "${TASK[@]}" --template zero --n-problems 2000 --reward accuracy=1 --reward format_zero=0.5 --steps "$ZERO_STEPS" --prompts-per-step 8 --num-generations 8 --max-completion-length 64 --lr 1e-4 --beta 0.001 --sample-every 10 --quiet --out "$RUN/r1zero"
+ZERO=(--template zero --n-problems 2000 --reward accuracy=1 --reward format_zero=0.5 --num-generations 8 --lr 1e-4
+      --beta 0.001 --quiet)
+ZERO_EVAL=(--split test --n "$N_TEST" --k "$K" --template zero --max-new-tokens "$MAX_TOKENS" --quiet)
+stage "grpo: the student's own RL from its base (R1-Zero style, R1's comparison)";  nanoseek grpo --model "$RUN/student-base" "${TASK[@]}" "${ZERO[@]}" --steps "$RL_STEPS" --prompts-per-step "$RL_PROMPTS" --max-completion-length "$MAX_TOKENS" --sample-every 20 --out "$RUN/student-zero"
+stage "eval: the student after its own RL from its base";  nanoseek eval --model "$RUN/student-zero" "${TASK[@]}" "${ZERO_EVAL[@]}" --out "$RUN/student-zero/eval"
+stage "grpo: R1-Zero from the base model";  nanoseek grpo --model "$RUN/base" "${TASK[@]}" "${ZERO[@]}" --steps "$ZERO_STEPS" --prompts-per-step 8 --max-completion-length 64 --sample-every 10 --out "$RUN/r1zero"
 stage "results: pass@1 over $K samples x $N_TEST test problems ($((K * N_TEST)) completions each), T 0.6, top-p 0.95"
-for d in sft rl student-sft student-rl student-distilled; do
+for d in sft rl student-sft student-rl student-zero student-distilled; do
     python3 - "$RUN/$d/eval/summary.json" "$d" "$K" <<'PY'
 import json, sys
 s, name, k = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
