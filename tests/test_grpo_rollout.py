@@ -5,7 +5,7 @@ import torch
 
 from nanoseek.inference import Engine
 from nanoseek.model import Transformer, preset
-from nanoseek.rl.rollout import Batch, completion_logps, moe_gates, rollout
+from nanoseek.rl.rollout import Batch, Completion, completion_logps, moe_gates, rollout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,6 +72,36 @@ def test_training_logps_carry_gradient_to_the_policy():
     logp = completion_logps(m, Batch.of(comps))
     logp.sum().backward()
     assert m.lm_head.weight.grad is not None and m.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_prompts_computed_once_give_the_full_rows_logps_and_gradients():
+    """The training forward computing each distinct prompt once (prompts of different lengths, one of a
+    single token, uneven completions) gives every row's full-forward log-probs and every parameter's
+    gradient; a minibatch keeps only its own prompts."""
+    m = model().train()
+    g = torch.Generator().manual_seed(1)
+    prompts = PROMPTS + [[6]]
+    comps = [Completion(p, torch.randint(0, 64, (int(n),), generator=g).tolist(), [], "length")
+             for p in prompts for n in torch.randint(1, 9, (3,), generator=g)]
+    batch = Batch.of(comps)
+    assert batch.prefix.shape == (4, 6) and batch.prefix_of.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    weights = torch.linspace(-1, 1, batch.mask.numel()).view_as(batch.mask)
+
+    def run(**kw):
+        m.zero_grad()
+        logp = completion_logps(m, batch, 0.7, **kw)
+        (logp * weights).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    (full, want), (shared, got) = run(shared=False), run()
+    assert torch.allclose(shared, full, atol=1e-6) and (shared[batch.mask == 0] == 0).all()
+    assert got.keys() == want.keys() and "layers.1.mlp.gate.weight" in got
+    for n in want:
+        assert torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4), n
+    sub = batch.select([4, 5, 9])  # prompts 1 and 3 only
+    assert sub.prefix.shape == (2, 1) and sub.prefix_of.tolist() == [0, 0, 1]
+    with torch.no_grad():
+        assert torch.allclose(completion_logps(m, sub, 0.7), full[[4, 5, 9], : sub.mask.shape[1]], atol=1e-6)
 
 
 @pytest.mark.parametrize("speculative", [None, "mtp"])

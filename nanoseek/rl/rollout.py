@@ -29,9 +29,15 @@ Design choices:
   set (`Completion.kept`), and `completion_logps` then computes the current (and reference)
   policy's log-probs over that same set, renormalised (`truncated_logps`), so the ratio
   π_θ/π_old compares the same action space. (A [N, T, V] boolean mask is built per batch.)
-* The training forward runs the full sequence (prompt + completion minus its last token) and
-  applies the output head only at completion positions: the head is the largest matmul and the
-  prompt's logits are never needed.
+* **Each prompt computed once in the training forwards** (`shared_token_logps`): the G completions
+  of a prompt share it, so its tokens (all but the last) run through the model once, as a batch of
+  the P distinct prompts that writes each layer's latent cache rows; those rows are copied to the
+  prompt's G rows (an index_select: gradients flow back into the one prompt forward), and the
+  completions (each starting at its own prompt's last token and position) attend to them through
+  the model's cached path (`absorbed=False`: per-head keys and values, the training path). The
+  output head runs on the completion positions only (the head is the largest matmul; the prompt's
+  logits are never needed). Same log-probs and gradients as running every row in full (`token_logps`,
+  the path for routing replay, the sampling mask and DSA models), with ~1/G of the prompt tokens.
 """
 
 from __future__ import annotations
@@ -109,7 +115,11 @@ class Batch:
     starts [N]: the position whose logits predict the first completion token (len(prompt) - 1);
     targets [N, T]: completion tokens (T = longest completion), mask [N, T] 1 on real tokens;
     routing [N, S, moe_layers, K] or None (padding rows route to experts 0..K-1: never read);
-    kept: per completion the engine's kept ids per token (keep sampling mask) or None."""
+    kept: per completion the engine's kept ids per token (keep sampling mask) or None.
+    The same rows split at each prompt's last token, for `shared_token_logps`: prefix [P, Lp] the
+    distinct prompts without their last token (right-padded; a prompt's length there is starts[n]),
+    prefix_of [N] row n's prompt, suffix [N, T] its prompt's last token then its completion without
+    the last token (right-padded): suffix[n, t] predicts targets[n, t]."""
 
     ids: torch.Tensor
     starts: torch.Tensor
@@ -117,6 +127,9 @@ class Batch:
     mask: torch.Tensor
     routing: torch.Tensor | None
     kept: list | None = None
+    prefix: torch.Tensor | None = None
+    prefix_of: torch.Tensor | None = None
+    suffix: torch.Tensor | None = None
 
     @classmethod
     def of(cls, completions: list[Completion], routing: bool = False, device="cpu",
@@ -128,9 +141,16 @@ class Batch:
         targets = torch.zeros(N, T, dtype=torch.long)
         mask = torch.zeros(N, T)
         starts = torch.tensor([len(c.prompt) - 1 for c in completions])
+        prompts: dict[tuple, int] = {}
+        prefix_of = torch.tensor([prompts.setdefault(tuple(c.prompt[:-1]), len(prompts)) for c in completions])
+        prefix = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+        for p, i in prompts.items():
+            prefix[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        suffix = torch.zeros(N, T, dtype=torch.long)
         for n, c in enumerate(completions):
             seq = c.prompt + c.tokens[:-1]
             ids[n, : len(seq)] = torch.tensor(seq)
+            suffix[n, : len(c.tokens)] = torch.tensor(seq[len(c.prompt) - 1 :])
             targets[n, : len(c.tokens)] = torch.tensor(c.tokens)
             mask[n, : len(c.tokens)] = 1
         replay = None
@@ -144,7 +164,8 @@ class Batch:
                 replay[n, : len(c.routing)] = c.routing
             replay = replay.to(device)
         kept = [c.kept for c in completions] if sampling_mask and any(c.kept for c in completions) else None
-        return cls(ids.to(device), starts.to(device), targets.to(device), mask.to(device), replay, kept)
+        return cls(ids.to(device), starts.to(device), targets.to(device), mask.to(device), replay, kept,
+                   prefix.to(device), prefix_of.to(device), suffix.to(device))
 
     def select(self, rows: torch.Tensor | list[int]) -> "Batch":
         """A minibatch of these rows (padding trimmed to the rows' own longest)."""
@@ -152,9 +173,14 @@ class Batch:
         mask = self.mask[rows]
         T = int(mask.sum(-1).max().item())
         S = int((self.starts[rows] + mask.sum(-1).long()).max().item())
+        prefix = prefix_of = suffix = None
+        if self.prefix is not None:  # the rows' own prompts only, renumbered in order
+            used = self.prefix_of[rows].unique()
+            prefix = self.prefix[used, : int(self.starts[rows].max().item())]
+            prefix_of, suffix = torch.searchsorted(used, self.prefix_of[rows]), self.suffix[rows, :T]
         return Batch(self.ids[rows, :S], self.starts[rows], self.targets[rows, :T], mask[:, :T],
                      None if self.routing is None else self.routing[rows, :S],
-                     None if self.kept is None else [self.kept[r] for r in rows.tolist()])
+                     None if self.kept is None else [self.kept[r] for r in rows.tolist()], prefix, prefix_of, suffix)
 
 
 def moe_gates(model) -> list:
@@ -180,14 +206,23 @@ def replay_routing(model, routing: torch.Tensor | None):
 
 
 def completion_logps(model, batch: Batch, temperature: float = 1.0, replay: bool = True,
-                     compiled: "CompiledLogps | None" = None) -> torch.Tensor:
+                     compiled: "CompiledLogps | None" = None, shared: bool = True) -> torch.Tensor:
     """The model's log-probs of the completion tokens -> FloatTensor[N, T] (0 at padding), fp32,
     computed from logits / temperature (the distribution the tokens were sampled from, as TRL does).
-    Replays the batch's routing when it has one (and replay=True). compiled: run the forward through
-    this `CompiledLogps` where it serves the batch (no routing replay, no sampling mask)."""
-    if compiled is not None and batch.kept is None and (batch.routing is None or not replay):
-        return compiled(model, batch.ids, batch.starts, batch.targets, temperature) * batch.mask
-    with replay_routing(model, batch.routing if replay else None):
+    Replays the batch's routing when it has one (and replay=True). shared: each distinct prompt
+    computed once (`shared_token_logps`) where that serves the batch (no routing replay, no sampling
+    mask, no DSA), else every row in full (`token_logps`). compiled: run the forward through this
+    `CompiledLogps` where it serves the batch (no routing replay, no sampling mask)."""
+    routing = batch.routing if replay else None
+    if batch.kept is None and routing is None:
+        if shared and batch.prefix is not None and not model.args.dsa:
+            fn, args = shared_token_logps, (batch.prefix, batch.prefix_of, batch.suffix, batch.starts)
+        else:
+            fn, args = token_logps, (batch.ids, batch.starts)
+        if compiled is not None:
+            return compiled(fn, model, *args, batch.targets, temperature) * batch.mask
+        return fn(model, *args, batch.targets, temperature) * batch.mask
+    with replay_routing(model, routing):
         if batch.kept is None:
             return token_logps(model, batch.ids, batch.starts, batch.targets, temperature) * batch.mask
         logits = completion_logits(model, batch.ids, batch.starts, batch.targets.shape[1]) / temperature
@@ -207,7 +242,37 @@ def completion_logits(model, ids: torch.Tensor, starts: torch.Tensor, T: int) ->
 def token_logps(model, ids: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor,
                 temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) of targets [N, T] -> [N, T] (padding not masked)."""
-    logits = completion_logits(model, ids, starts, targets.shape[1])
+    return _logps(completion_logits(model, ids, starts, targets.shape[1]), targets, temperature)
+
+
+def shared_token_logps(model, prefix: torch.Tensor, prefix_of: torch.Tensor, suffix: torch.Tensor,
+                       starts: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`token_logps` with each distinct prompt computed once (see the module docstring): prefix [P, Lp],
+    prefix_of [N], suffix [N, T], starts [N] (each row's prompt length in prefix), targets [N, T] as in
+    `Batch` -> [N, T] (padding not masked).
+
+    The P prompts run first with a latent cache [P, Lp, kv_lora_rank + rope] per layer (positions
+    0..Lp-1, plain causal attention; a padded prompt's extra rows are garbage that its completions
+    overwrite or never see). Row n's completion then runs at positions starts[n] .. starts[n] + T - 1
+    over a copy of its prompt's rows: the cached path writes its own rows at those positions and each
+    query attends to the rows at or before its position."""
+    N, T = suffix.shape
+    P, Lp = prefix.shape
+    args = model.args
+    rows = (N, Lp + T, args.kv_lora_rank + args.qk_rope_head_dim)
+    dtype = model.embed_tokens.weight.dtype
+    if Lp:
+        caches = [torch.zeros(P, *rows[1:], dtype=dtype, device=suffix.device) for _ in model.layers]
+        model.run(prefix, cache=caches, logits=False)  # writes rows 0..Lp-1 of each (positions=None)
+        caches = [c.index_select(0, prefix_of) for c in caches]
+    else:  # every prompt is one token long: nothing to share
+        caches = [torch.zeros(rows, dtype=dtype, device=suffix.device) for _ in model.layers]
+    positions = starts[:, None] + torch.arange(T, device=suffix.device)
+    hidden = model.run(suffix, positions=positions, cache=caches, absorbed=False, logits=False).hidden  # [N, T, D]
+    return _logps(model.lm_head(hidden).float(), targets, temperature)
+
+
+def _logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature != 1.0:
         logits = logits / temperature
     return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
@@ -221,7 +286,7 @@ COLD_LOGPS_COMPILE_S = 300.0
 
 
 class CompiledLogps:
-    """`token_logps` through torch.compile, for the reference forward and the policy's forward and
+    """`token_logps` and `shared_token_logps` through torch.compile, for the reference forward and the policy's forward and
     backward (`nanoseek grpo`): inductor fuses the elementwise work (RMSNorm, rope, SwiGLU, the
     softmax) that an eager step spends a third of its time on. Shapes are static at first; a second
     batch shape recompiles once with dynamic dimensions. Where compiling cannot work (no C++
@@ -255,7 +320,7 @@ class CompiledLogps:
     def enable(self) -> None:
         if self.fn is None and not self.reason:
             cache_dir()  # inductor's artefacts on disk (~/.cache/nanoseek/inductor), shared by runs
-            self.fn = torch.compile(token_logps)
+            self.fn = {f: torch.compile(f) for f in (token_logps, shared_token_logps)}
 
     def after_update(self, seconds: float) -> None:
         """The seconds of one whole update (log-prob forwards, backward, optimizer step). Eager: the
@@ -270,18 +335,19 @@ class CompiledLogps:
             self.spent += max(seconds - self.eager_step, 0.0)
             self.record.save(self.spent)
 
-    def __call__(self, model, ids, starts, targets, temperature: float = 1.0) -> torch.Tensor:
+    def __call__(self, fn, model, *args) -> torch.Tensor:
+        """fn(model, *args) (`token_logps` or `shared_token_logps`), compiled once enabled."""
         if self.fn is None:
-            return token_logps(model, ids, starts, targets, temperature)
+            return fn(model, *args)
         graphs, t0 = compiled_graphs(), time.perf_counter()
         try:
-            out = self.fn(model, ids, starts, targets, temperature)
+            out = self.fn[fn](model, *args)
         except Exception as e:
             if not is_compile_error(e):
                 raise
             fall_back(e, "GRPO log-prob forward")
             self.fn, self.reason = None, "compiling failed"
-            return token_logps(model, ids, starts, targets, temperature)
+            return fn(model, *args)
         if compiled_graphs() != graphs:
             self.compile_s += time.perf_counter() - t0
         return out
