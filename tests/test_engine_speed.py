@@ -315,14 +315,18 @@ def test_warmup_covers_the_batch_where_the_moe_turns_grouped(monkeypatch):
         sizes.clear()
 
 
-def test_batch_steps_compile_only_while_the_cache_rows_in_use_pay_for_a_full_read():
+def test_batch_steps_compile_only_while_the_cache_rows_in_use_pay_for_a_full_read(monkeypatch):
     """A compiled step reads every cache row: at batch > 1 it runs only while the rows in use are at least
-    1/FULL_READ_MAX of the cache (else eager reads just those); batch 1 and the warm-up always compile."""
+    1/FULL_READ_MAX of the cache (else eager reads just those) or the cache is short (SHORT_CACHE rows at
+    most: read whole at little cost); batch 1 and the warm-up always compile."""
+    from nanoseek.inference import decode
     from nanoseek.inference.decode import FULL_READ_MAX
 
     engine = Engine(compiled_shape(), max_batch_size=4, max_seq_len=40, compile=True, speculative=None)
     d = engine.decoder
     rows = d.cache.max_len
+    assert rows <= decode.SHORT_CACHE and d._compiled(2, 2, 1)  # a short cache: always
+    monkeypatch.setattr(decode, "SHORT_CACHE", 0)  # as if this cache were long
     assert d._compiled(1, 1, 1)  # batch 1: always
     assert not d._compiled(2, 2, rows // FULL_READ_MAX - 1)
     assert d._compiled(2, 2, -(-rows // FULL_READ_MAX))

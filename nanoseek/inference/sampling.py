@@ -148,8 +148,10 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
     """logits [n, V] -> token ids [n]: argmax for greedy rows, a draw from `probabilities` otherwise."""
-    ids = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    if len(rows) == len(params):  # every row samples (GRPO rollouts): no argmax, no row gathers
+        return draw(probabilities(logits, params), uniforms(generators, logits.device))
+    ids = logits.argmax(dim=-1)
     if rows:
         index = torch.tensor(rows, device=logits.device)
         probs = probabilities(logits[index], [params[i] for i in rows])
