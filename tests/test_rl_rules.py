@@ -146,6 +146,20 @@ def test_format_and_language():
     assert R.language("", "no reasoning at all", "") == 0.0
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("9 + 4 = 13: write 3, carry 1\n9 + 0 + 1 (carry) = 10: write 0\nSo 99 + 4 = 103.</think>\\boxed{103}", 1.0),
+    ("9 + 4 = 13: write 3, carry 1\n9 + 0 + 1 (carry) = 10: write 0\nSo 95 + 4 = 103.</think>\\boxed{103}", 0.0),
+    ("9 + 0 + 1 (carry) = 11", 0.0),  # the carry note dropped, the sum still checked
+    ("The answer is \\boxed{7}.", 1.0),  # no equation: nothing false was said
+    ("2 + 3 * 4 = 14 and 10 - 2 - 3 = 5", 1.0), ("2 + 3 * 4 = 20", 0.0), ("3 - 5 = -2", 1.0),
+    ("3 × 4 = 12", 1.0), ("3 × 4 = 11", 0.0), ("05 + 3 = 8", 1.0),
+    ("1.5 + 2 = 3.5 and 2 + 2 = 5.0 and 1,000 + 5 = 1,005", 1.0),  # decimals / thousands: not checked
+])
+def test_equations_reward_checks_every_stated_step(completion, expected):
+    assert R.equations("", completion, "") == expected
+    assert R.resolve("equations") is R.equations
+
+
 def test_reward_specs_and_user_functions(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text("def short(prompt, completion, answer):\n"
                                             "    return 1.0 if len(completion) < 20 else 0.0\n")

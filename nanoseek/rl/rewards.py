@@ -5,6 +5,7 @@
     code          the completion's Python passes the reference test code in the sandbox
     format        R1-Zero tags `<think>…</think> <answer>…</answer>`, or the R1 chat layout
     language      share of the reasoning's words written in the target language (R1 §2.3.3)
+    equations     every equation the completion states ("7 + 6 = 13", "9 + 0 + 1 (carry) = 10") holds
 
     fn = combine(parse_rewards(["accuracy=1", "format=0.1", "my_module:my_fn=0.5"]))
     fn(prompt, completion, answer)  # 1·accuracy + 0.1·format + 0.5·my_fn
@@ -221,6 +222,33 @@ def format_reward(prompt: str, completion: str, answer: str) -> float:
     return max(format_zero(prompt, completion, answer), format_r1(prompt, completion, answer))
 
 
+# "a op b [op c ...] = d" over integers, + − × only (a worked sum's steps; "(carry)"-style notes are
+# dropped first); numbers inside decimals or thousands groups ("1.5", "1,000") are not equations' terms
+EQUATION = re.compile(r"(?<![\d.,])(\d+(?:\s*[-+*]\s*\d+)+)\s*=\s*(-?\d+)(?![.,]?\d)")
+
+
+def _integer_value(expr: str) -> int:
+    """The value of integers joined by + - * ("9 + 0 + 1", "3 * 4 - 2"), * binding tighter."""
+    tokens = re.findall(r"\d+|[-+*]", expr)
+    total, sign, product = 0, 1, int(tokens[0])
+    for op, number in zip(tokens[1::2], tokens[2::2]):
+        if op == "*":
+            product *= int(number)
+        else:
+            total, sign, product = total + sign * product, 1 if op == "+" else -1, int(number)
+    return total + sign * product
+
+
+def equations(prompt: str, completion: str, answer: str) -> float:
+    """1.0 when every integer equation the completion states holds (vacuously when it states none),
+    else 0.0: a filter on the chain of thought for rejection sampling, where a right final answer
+    can follow a wrong step ("So 13 + 66 = 89."), which distillation would then teach."""
+    text = unicodedata.normalize("NFKC", completion).replace("×", "*").replace("−", "-")
+    text = re.sub(r"\s*\([a-z ]*\)", "", text)  # "1 (carry)" -> "1"
+    ok = all(_integer_value(m.group(1)) == int(m.group(2)) for m in EQUATION.finditer(text))
+    return float(ok)
+
+
 SCRIPTS = {
     "en": lambda w: all("a" <= c.lower() <= "z" for c in w),
     "zh": lambda w: all("\u4e00" <= c <= "\u9fff" for c in w),
@@ -243,7 +271,7 @@ def language(prompt: str, completion: str, answer: str, lang: str = "en") -> flo
 
 REWARDS: dict[str, Reward] = {
     "accuracy": accuracy, "countdown": countdown, "code": code, "format": format_reward,
-    "format_zero": format_zero, "format_r1": format_r1, "language": language,
+    "format_zero": format_zero, "format_r1": format_r1, "language": language, "equations": equations,
 }
 
 
