@@ -55,9 +55,10 @@ class Package:
     """
 
     def __init__(self, module: Flat, path: Path, dynamic: list[dict[int, str]], what: str,
-                 minimum: dict[str, int] | None = None):
+                 minimum: dict[str, int] | None = None, instead: str = "using torch.compile"):
         self.module, self.path, self.dynamic, self.what = module, Path(path), dynamic, what
         self.minimum = minimum or {}
+        self.instead = instead  # what the caller does without the package, for the one logged line
 
     @property
     def exists(self) -> bool:
@@ -109,8 +110,8 @@ class Package:
             os.replace(tmp, self.path)
             tmp = None
         except Exception as e:
-            log.warning("nanoseek: could not compile the %s ahead of time (%s: %s); using torch.compile", self.what,
-                        type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            log.warning("nanoseek: could not compile the %s ahead of time (%s: %s); %s", self.what,
+                        type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "", self.instead)
             return None
         finally:
             if tmp is not None and os.path.exists(tmp):

@@ -264,8 +264,9 @@ class CompiledSteps:
                     return run(*flat)
                 except Exception as e:  # e.g. a package built for other shapes: torch.compile from now on
                     text = str(e).strip()
-                    log.warning("nanoseek: the compiled %s package failed (%s: %s); using torch.compile for it",
-                                name, type(e).__name__, text.splitlines()[0][:200] if text else "")
+                    log.warning("nanoseek: the compiled %s package failed (%s: %s); %s", name, type(e).__name__,
+                                text.splitlines()[0][:200] if text else "",
+                                "running it eagerly" if name in self.package_only else "using torch.compile for it")
                     self.loaded[name] = None
         if self.partial or name in self.package_only:  # a warm start: what no package serves stays eager
             return self.eager[name](*args, **kwargs)      # until compiling pays; package-only steps always

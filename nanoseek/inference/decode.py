@@ -36,6 +36,7 @@ import torch
 from . import speculative as spec
 from .cache import LatentCache
 from .prefill import whole_prompt
+from ..quant.inference import is_fp8_resident
 from .aot import Flat, Package
 from .compiled import CompiledSteps, CompileRecord, cache_dir
 from .request import Request, per_row
@@ -76,10 +77,12 @@ class Decoder:
         self.routing: list | None = None  # the last decode/verify forward's Routing list (record_routing)
         self.catch_up_s = 0.0  # seconds spent in `catch_up` since the engine reset this
         self.warming = False  # Engine.warmup: compile every graph, whatever the rows in use
-        # the compiled prefill's shortest prompt; the MoE's branch point, and none under DSA (its
-        # indexer branches on the prompt's length against index_topk)
+        # the compiled prefill's shortest prompt (past the MoE's branch point), or None: no prefill package
+        # under DSA (its indexer branches on the prompt's length against index_topk), for FP8-resident
+        # weights or fp32 on a GPU (their routed experts over many tokens loop over data-dependent counts)
         E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 1
-        self.prefill_min = None if self.args.dsa else max(PREFILL_MIN, E // K + 1)
+        exportable = (self.device.type == "cpu" or self.dtype == torch.bfloat16) and not is_fp8_resident(model)
+        self.prefill_min = max(PREFILL_MIN, E // K + 1) if exportable and not self.args.dsa else None
         self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step,
                                     "speculative step": self._greedy_speculative_step,
                                     "prefill": self._whole_prompt, "MTP prefill": self._whole_prompt},
@@ -121,11 +124,11 @@ class Decoder:
             key = CompileRecord(model, tag=f"aoti|{name}|absorbed={absorbed}").key
             path = cache_dir() / "aoti" / f"{name.replace(' ', '-')}-{key}.pt2"
             dynamic = [{}] * n_fixed + [{1: "cache_len"}] * n_cache  # one package for every max_seq_len
-            minimum = None
+            minimum, instead = None, "using torch.compile"
             if prompt:  # the prompt's length varies too (ids [1, T + D + 1]); the cache holds >= T rows
                 dynamic = [{1: "prompt"}] + dynamic[1:]
-                minimum = {"prompt": shortest + D + 1, "cache_len": shortest}
-            return Package(Flat(model, fn), path, dynamic, name, minimum), flat
+                minimum, instead = {"prompt": shortest + D + 1, "cache_len": shortest}, "prefilling eagerly"
+            return Package(Flat(model, fn), path, dynamic, name, minimum, instead), flat
 
         out = {"decode step": package("decode step", decode, decode_flat, 2, L)}
         if self.depth:
