@@ -180,7 +180,8 @@ class Batch:
             prefix_of, suffix = torch.searchsorted(used, self.prefix_of[rows]), self.suffix[rows, :T]
         return Batch(self.ids[rows, :S], self.starts[rows], self.targets[rows, :T], mask[:, :T],
                      None if self.routing is None else self.routing[rows, :S],
-                     None if self.kept is None else [self.kept[r] for r in rows.tolist()], prefix, prefix_of, suffix)
+                     None if self.kept is None else [self.kept[r] for r in rows.tolist()],
+                     prefix, prefix_of, suffix)
 
 
 def moe_gates(model) -> list:
@@ -251,11 +252,11 @@ def shared_token_logps(model, prefix: torch.Tensor, prefix_of: torch.Tensor, suf
     prefix_of [N], suffix [N, T], starts [N] (each row's prompt length in prefix), targets [N, T] as in
     `Batch` -> [N, T] (padding not masked).
 
-    The P prompts run first with a latent cache [P, Lp, kv_lora_rank + rope] per layer (positions
-    0..Lp-1, plain causal attention; a padded prompt's extra rows are garbage that its completions
-    overwrite or never see). Row n's completion then runs at positions starts[n] .. starts[n] + T - 1
-    over a copy of its prompt's rows: the cached path writes its own rows at those positions and each
-    query attends to the rows at or before its position."""
+    The P prompts run first with a latent cache [P, Lp + T, kv_lora_rank + rope] per layer (rows
+    0..Lp-1 written, plain causal attention; a padded prompt's extra rows are garbage that its
+    completions overwrite or never see). Row n's completion then runs at positions starts[n] ..
+    starts[n] + T - 1 over a copy of its prompt's rows: the cached path writes its own rows at those
+    positions and each query attends to the rows at or before its position."""
     N, T = suffix.shape
     P, Lp = prefix.shape
     args = model.args
@@ -286,11 +287,12 @@ COLD_LOGPS_COMPILE_S = 300.0
 
 
 class CompiledLogps:
-    """`token_logps` and `shared_token_logps` through torch.compile, for the reference forward and the policy's forward and
-    backward (`nanoseek grpo`): inductor fuses the elementwise work (RMSNorm, rope, SwiGLU, the
-    softmax) that an eager step spends a third of its time on. Shapes are static at first; a second
-    batch shape recompiles once with dynamic dimensions. Where compiling cannot work (no C++
-    compiler) or fails, one logged line and the eager forward from then on.
+    """`token_logps` and `shared_token_logps` through torch.compile, for the reference forward and
+    the policy's forward and backward (`nanoseek grpo`): inductor fuses the elementwise work
+    (RMSNorm, rope, SwiGLU, the softmax) that an eager step spends a third of its time on. Shapes
+    are static at first; a second batch shape recompiles once with dynamic dimensions. Where
+    compiling cannot work (no C++ compiler) or fails, one logged line and the eager forward from
+    then on.
 
     mode "on" compiles from the first call; "auto" (the stage's default) is the engine's ski-rental
     rule (`nanoseek.inference.compiled.CompiledSteps`): run eagerly, and compile once the update
