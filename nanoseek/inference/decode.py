@@ -121,7 +121,11 @@ class Decoder:
             return (ids, *cache, *(mtp_cache or ())) if fits else None
 
         def package(name, fn, flat, n_fixed, n_cache, prompt=False):
-            key = CompileRecord(model, tag=f"aoti|{name}|absorbed={absorbed}").key
+            # the thread count too: inductor writes a CPU kernel's parallel loops only when the
+            # process compiling it has more than one thread (a package built at 1 thread ran
+            # single-threaded in a 2-thread process)
+            threads = torch.get_num_threads() if self.device.type == "cpu" else 0
+            key = CompileRecord(model, tag=f"aoti|{name}|absorbed={absorbed}|threads={threads}").key
             path = cache_dir() / "aoti" / f"{name.replace(' ', '-')}-{key}.pt2"
             dynamic = [{}] * n_fixed + [{1: "cache_len"}] * n_cache  # one package for every max_seq_len
             minimum, instead = None, "using torch.compile"
