@@ -140,6 +140,20 @@ def test_a_lone_long_prompt_prefills_through_its_compiled_package():
     assert len(calls) == 1
 
 
+def test_packages_are_keyed_by_the_thread_count():
+    """Inductor writes a CPU kernel's parallel loops only when the compiling process has more than
+    one thread: a package built at 1 thread must not be the one a 2-thread process loads."""
+    model = compiled_shape()
+    paths = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        engine = Engine(model, max_batch_size=1, max_seq_len=24, compile=False)
+        paths[threads] = {name: p.path for name, (p, _) in engine.decoder._packages().items()}
+    torch.set_num_threads(1)
+    assert paths[1].keys() == paths[2].keys() and "decode step" in paths[1]
+    assert all(paths[1][name] != paths[2][name] for name in paths[1])
+
+
 def test_compiling_that_cannot_work_falls_back_to_eager(monkeypatch, caplog):
     """No C++ compiler, or an error while compiling: one logged line, eager tokens, never a failure."""
     from torch._inductor import compile_fx, config
