@@ -33,12 +33,12 @@ import time
 
 import torch
 
-from . import speculative as spec
-from .cache import LatentCache
-from .prefill import whole_prompt
 from ..quant.inference import is_fp8_resident
+from . import speculative as spec
 from .aot import Flat, Package
+from .cache import LatentCache
 from .compiled import CompiledSteps, CompileRecord, cache_dir
+from .prefill import whole_prompt
 from .request import Request, per_row
 
 # speculative="auto": MTP cache rows a request may fall behind in plain steps before catching up.
