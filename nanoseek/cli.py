@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
+import signal
 import sys
 
 STAGES = {
@@ -111,5 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     return importlib.import_module(module).main(rest) or 0
 
 
+def run() -> None:
+    """The process entry point (the `nanoseek` script, `python -m nanoseek`): `main()`, then exit.
+
+    A stage's run handles Ctrl-C itself (finish the step, save). A signal that arrives once the stage
+    has returned — a second Ctrl-C while the interpreter tears torch down, whose atexit hooks would
+    print a traceback — exits at once with the stage's code: its work is already saved. One that
+    escapes a stage's own handling (KeyboardInterrupt) ends the process with one line and 130."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("nanoseek: interrupted", file=sys.stderr)
+        code = 130
+    for stream in (sys.stdout, sys.stderr):  # what the stage printed is out before any early exit
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: os._exit(code))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -100,6 +100,32 @@ def test_second_signal_abandons_the_step_but_keeps_the_last_completed_one(data, 
     # the data position is the one after the last completed step: 64 windows per step
     assert state["loader"]["offset"] == 64 * state["step"] or state["loader"]["epoch"] > 0
 
+def test_a_signal_while_the_process_tears_down_exits_quietly(tmp_path):
+    """Bug (seen in CI): a second Ctrl-C that lands after the stage returned, while the interpreter ran
+    torch's atexit hooks, printed 'Exception ignored in atexit callback' and a traceback."""
+    stage = tmp_path / "slow_exit_stage.py"
+    # a stage that returns 130 (as after a first Ctrl-C) and leaves a slow atexit hook, as torch does
+    stage.write_text("import atexit, sys, time\n"
+                     "def teardown():\n"
+                     "    time.sleep(30)\n"
+                     "def main(argv):\n"
+                     "    atexit.register(teardown)\n"
+                     "    print('returned', flush=True)\n"
+                     "    return 130\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from nanoseek import cli\n"
+            "cli.STAGES['slow'] = ('slow_exit_stage', 'test'); sys.argv[1:] = ['slow']; cli.run()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "returned"
+        time.sleep(0.5)  # inside the atexit hook
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
 
 # --- resume keeps what the run kept -------------------------------------------------------------------
 def test_resume_keeps_retention_and_refuses_flags_that_change_the_numbers(data, tmp_path, capsys):
