@@ -13,7 +13,7 @@ import torch
 from nanoseek.data import train_bpe
 from nanoseek.inference import Engine, ReasoningParser, SamplingParams, chat_prompt, split_reasoning
 from nanoseek.inference import speculative as spec
-from nanoseek.inference.sampling import draw, probabilities
+from nanoseek.inference.sampling import RandomStream, draw, probabilities, uniforms
 from nanoseek.inference.text import TextStream
 from nanoseek.model import Transformer, preset
 
@@ -186,6 +186,16 @@ def test_draw_matches_probabilities():
     freq = torch.bincount(ids, minlength=4) / 20000
     assert freq[1] == 0
     torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+
+
+def test_random_stream_is_its_generators_draws_one_by_one():
+    """Bug: drawing a request's numbers a block at a time would change (or repeat) what a seed gives."""
+    stream, g = RandomStream(11), torch.Generator().manual_seed(11)
+    n = 2 * RandomStream.BLOCK + 5  # across block boundaries, through both ways of taking a number
+    got = [stream.next() if i % 3 else float(stream.tensor("cpu")[0]) for i in range(n)]
+    assert got == [float(torch.rand(1, generator=g, dtype=torch.float64)) for _ in range(n)]
+    assert uniforms([RandomStream(3), RandomStream(4)], "cpu").tolist() == \
+        [float(torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64)) for s in (3, 4)]
 
 
 def test_seeds_reproduce_and_ignore_batch_neighbours():

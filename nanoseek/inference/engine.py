@@ -382,7 +382,7 @@ class Engine:
 
     def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> list[StepEvent]:
         params = [r.params for r in reqs]
-        ids = sample(logits, params, [r.generator for r in reqs])
+        ids = sample(logits, params, [r.random for r in reqs])
         if self.replicas is not None:  # rank 0's tokens on every rank
             ids = self.replicas.tokens(ids)
         lp, top = logprobs(logits, ids, params)

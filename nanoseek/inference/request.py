@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import SamplingParams, _is_int, make_generator
+from .sampling import RandomStream, SamplingParams, _is_int
 from .text import TextStream
 
 
@@ -52,7 +52,7 @@ class Request:
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
                  text: TextStream | None):
         self.id, self.prompt, self.params = rid, prompt, params
-        self.generator = make_generator(params.seed)
+        self.random = RandomStream(params.seed)  # its U[0, 1) numbers (sampling, speculative acceptance)
         self.stop_ids, self.text = stop_ids, text
         self.tokens: list[int] = []
         self.finish_reason: str | None = None

@@ -26,7 +26,7 @@ from collections import deque
 
 import torch
 
-from .sampling import draw, probabilities
+from .sampling import draw, probabilities, uniforms
 
 
 @torch.inference_mode()
@@ -82,8 +82,7 @@ def draft(mtp_step, prev: torch.Tensor, tokens: torch.Tensor, positions: torch.T
             index = torch.tensor(sampled, device=logits.device)
             q = torch.zeros_like(logits, dtype=torch.float32)
             q[index] = probabilities(logits[index], [reqs[i].params for i in sampled])
-            u = torch.cat([torch.rand(1, generator=reqs[i].generator, dtype=torch.float64) for i in sampled])
-            d[index] = draw(q[index], u.to(logits.device))
+            d[index] = draw(q[index], uniforms([reqs[i].random for i in sampled], logits.device))
         tokens[:, W + k] = d
         qs.append(q)
     return tokens[:, W + 1 :], qs
@@ -137,26 +136,22 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, qs: list[torch.Tensor | N
             else:
                 new.append(argmax[i][D])
         else:
-            g = r.generator
+            stream = r.random
             for j in range(D):
                 d, pj, qj = drafts_l[i][j], p[i][j], qs[j][i]
-                u = torch.rand((), generator=g, dtype=torch.float64).item()
+                u = stream.next()
                 if u * qj[d].item() < pj[d].item():  # accept with probability min(1, p(d)/q(d))
                     new.append(d)
                     continue
                 residual = (pj - qj).clamp(min=0)
                 if float(residual.sum()) <= 0:  # p == q up to rounding: the residual is p itself
                     residual = pj
-                new.append(int(draw(residual[None], _u(g, logits.device))[0]))
+                new.append(int(draw(residual[None], stream.tensor(logits.device))[0]))
                 break
             else:
-                new.append(int(draw(p[i][D][None], _u(g, logits.device))[0]))
+                new.append(int(draw(p[i][D][None], stream.tensor(logits.device))[0]))
         out.append(new)
     return out
-
-
-def _u(generator: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(1, generator=generator, dtype=torch.float64).to(device)
 
 
 def catch_up(mtp_step, hidden: torch.Tensor, positions: torch.Tensor, token_at, mtp_cache: list, kv_len: int) -> None:
