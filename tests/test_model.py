@@ -165,6 +165,27 @@ def test_grouped_experts_match_per_expert_loop():
     assert torch.allclose(experts(x, idx, w), ref, atol=1e-5)
 
 
+def test_compiled_experts_match_eager_values_and_gradients():
+    """Compiled, the routed experts reorder tokens by gathers both ways (`_Permute`) instead of the
+    eager gather + index_add: same outputs, and the same gradients for x, the gate weights and the experts.
+    Bug it catches: a permutation's backward applied with the wrong index (rows of another token)."""
+    args = preset("tiny", n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=3)
+    experts = Experts(args)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(20, args.hidden_size, requires_grad=True)
+    idx = torch.stack([torch.randperm(6)[:3] for _ in range(20)])
+    w = torch.rand(20, 3, requires_grad=True)
+    grad = torch.randn(20, args.hidden_size)
+    params = [x, w, experts.gate_up_proj, experts.down_proj]
+    eager = experts(x, idx, w)
+    expected = torch.autograd.grad(eager, params, grad)
+    compiled = torch.compile(experts, fullgraph=True)(x, idx, w)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for got, want in zip(torch.autograd.grad(compiled, params, grad), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def rms(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 

@@ -98,19 +98,29 @@ class Experts(nn.Module):
         if N * K <= self.n_experts:
             return self._few_tokens(x, indices, weights)
         flat = indices.flatten()
-        order = flat.argsort(stable=True)  # token copies sorted by expert: copy j is x[order[j] // K]
-        inverse = order.argsort()  # where each (token, k) copy sits in that order
+        order = flat.argsort(stable=True)  # token copies sorted by expert
+        token = order // K  # copy j is x[token[j]]
         # counts per expert by scatter_add into E zeros (not bincount, whose output size depends on the data: a graph break)
         counts = torch.zeros(self.n_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         offsets = counts.cumsum(0).to(torch.int32)
-        # Both reorderings are row permutations (gathers both ways, `_Permute`): an index_add combine (and
-        # x[token]'s backward) is a scatter, which compiled CPU code runs with atomic adds on 2+ threads.
-        xs = _Permute.apply(x.repeat_interleave(K, dim=0), order, inverse)
+        # Compiled, both reorderings are row permutations, gathers forward and backward (`_Permute`):
+        # inductor's CPU code runs a scatter (the index_add combine, x[token]'s backward) with atomic
+        # adds on 2+ threads. Eagerly the gather + index_add pair is fewer ops.
+        compiled = torch.compiler.is_compiling()
+        if compiled:
+            # where each (token, k) copy sits in that order: the inverse permutation (a store, not a second sort)
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            xs = _Permute.apply(x.repeat_interleave(K, dim=0), order, inverse)
+        else:
+            xs = x[token]
         h = grouped_mm(xs, self.gate_up_proj, offsets, counts)
         gate, up = h.split(self.inter_dim, dim=-1)
         h = grouped_mm(F.silu(gate) * up, self.down_proj, offsets, counts)
-        h = _Permute.apply(h, inverse, order).view(N, K, -1)  # back in (token, k) order
-        return (h * weights[..., None].to(h.dtype)).sum(dim=1)
+        if compiled:
+            h = _Permute.apply(h, inverse, order).view(N, K, -1)  # back in (token, k) order
+            return (h * weights[..., None].to(h.dtype)).sum(dim=1)
+        h = h * weights.flatten()[order, None].to(h.dtype)
+        return torch.zeros_like(x).index_add_(0, token, h)
 
     def _few_tokens(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding (N*K <= E): gather the chosen experts' weights and run batched mat-vecs, as
@@ -125,16 +135,14 @@ class Experts(nn.Module):
 
 
 class _Permute(torch.autograd.Function):
-    """x[index] for a permutation `index` whose inverse is `inverse`: the gradient is grad[inverse], a
-    gather too (autograd's own backward of x[index] is a scatter-add: it cannot know no row repeats)."""
+    """x[index] for a permutation `index` whose inverse is `inverse`, with grad[inverse] as its gradient:
+    a gather too, where autograd's own backward of x[index] is a scatter-add (it cannot know that no
+    row repeats)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
         return x[index]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
