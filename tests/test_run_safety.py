@@ -100,6 +100,7 @@ def test_second_signal_abandons_the_step_but_keeps_the_last_completed_one(data, 
     # the data position is the one after the last completed step: 64 windows per step
     assert state["loader"]["offset"] == 64 * state["step"] or state["loader"]["epoch"] > 0
 
+
 def test_a_signal_while_the_process_tears_down_exits_quietly(tmp_path):
     """Bug (seen in CI): a second Ctrl-C that lands after the stage returned, while the interpreter ran
     torch's atexit hooks, printed 'Exception ignored in atexit callback' and a traceback."""
