@@ -101,16 +101,16 @@ def test_default_engine_compiles_and_gives_the_eager_tokens(monkeypatch):
 
 
 def test_a_lone_long_prompt_prefills_through_its_compiled_package():
-    """A prompt of >= PREFILL_MIN tokens prefilled alone runs the ahead-of-time prefill package once
+    """A prompt of >= prefill_min tokens prefilled alone runs the ahead-of-time prefill package once
     compiling is on (with the MTP caches for speculation: its own package): the cache rows, MTP state
     and first-token logits it leaves are the eager ones, so are the tokens; shorter prompts stay eager."""
-    from nanoseek.inference.decode import PREFILL_MIN
     from nanoseek.inference.prefill import whole_prompt
 
     model = compiled_shape()
-    prompt = [(7 * i) % 250 + 3 for i in range(PREFILL_MIN + 6)]
-    eager = Engine(model, max_batch_size=1, max_seq_len=90, compile=False)
-    engine = Engine(model, max_batch_size=1, max_seq_len=90, compile=True)
+    eager = Engine(model, max_batch_size=1, max_seq_len=96, compile=False)
+    engine = Engine(model, max_batch_size=1, max_seq_len=96, compile=True)
+    # past the MoE's dense path (82 tokens for this shape)
+    prompt = [(7 * i) % 250 + 3 for i in range(engine.decoder.prefill_min + 2)]
     for mode in (None, "mtp"):
         assert engine.generate([prompt], max_new_tokens=4, ignore_eos=True, speculative=mode) == \
             eager.generate([prompt], max_new_tokens=4, ignore_eos=True, speculative=mode)
@@ -119,8 +119,8 @@ def test_a_lone_long_prompt_prefills_through_its_compiled_package():
     ids = torch.tensor([prompt + [0, 0]])
     out = {}
     for name, fn in (("package", engine.decoder.prefill), ("eager", lambda *a: whole_prompt(model, *a))):
-        cache = [torch.zeros(1, 80, w.shape[-1]) for w in engine.cache.rows(0, 1)]
-        mtp = [torch.zeros(1, 80, w.shape[-1]) for w in engine.decoder.mtp_cache.rows(0, 1)]
+        cache = [torch.zeros(1, 90, w.shape[-1]) for w in engine.cache.rows(0, 1)]
+        mtp = [torch.zeros(1, 90, w.shape[-1]) for w in engine.decoder.mtp_cache.rows(0, 1)]
         with torch.inference_mode():
             out[name] = (fn(ids, cache, mtp), cache, mtp)
     (h, c, m), (h0, c0, m0) = out["package"], out["eager"]
@@ -129,7 +129,7 @@ def test_a_lone_long_prompt_prefills_through_its_compiled_package():
     for a, b in zip(c + m, c0 + m0):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert c[0][0, len(prompt) - 1].abs().sum() > 0 and c[0][0, len(prompt):].abs().sum() == 0
-    # a short prompt is prefilled eagerly (the package's shortest is PREFILL_MIN tokens)
+    # a short prompt is prefilled eagerly (the package's shortest is prefill_min tokens)
     calls = []
     package = engine.steps.loaded["prefill"]
     engine.steps.loaded["prefill"] = lambda *a: calls.append(len(a)) or package(*a)
@@ -316,12 +316,13 @@ def test_auto_speculation_catches_up_after_plain_steps(monkeypatch):
 
 
 def test_warmup_covers_the_batch_where_the_moe_turns_grouped(monkeypatch):
-    """Warm-up decodes at batch 1, 2 and the first batch whose tokens x experts-per-token exceed the
-    experts (the MoE's grouped-GEMM graph), so a server never compiles that graph mid-traffic."""
+    """Warm-up decodes at batch 1, 2 and the first batches past each of the MoE's small-batch paths (past
+    gathering the chosen experts, and on CPU past running every expert densely: the grouped GEMM's graph),
+    so a server never compiles those graphs mid-traffic."""
     torch.manual_seed(0)
-    model = Transformer(preset("tiny", **SHAPE)).eval()  # 8 experts, 2 per token: grouped from batch 5
+    model = Transformer(preset("tiny", **SHAPE)).eval()  # 8 experts, 2 per token: dense from 5, grouped from 82
     sizes = []
-    for max_batch, want in ((16, [1, 2, 5]), (3, [1, 2, 3]), (1, [1])):
+    for max_batch, want in ((128, [1, 2, 5, 82]), (16, [1, 2, 5]), (3, [1, 2, 3]), (1, [1])):
         engine = Engine(model, max_batch_size=max_batch, max_seq_len=24, compile=True, speculative=None)
         monkeypatch.setattr(engine, "generate", lambda prompts, **kw: sizes.append(len(prompts)))
         engine.warmup()

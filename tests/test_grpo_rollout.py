@@ -147,11 +147,15 @@ def test_grouped_mm_custom_op_matches_aten():
     torch.library.opcheck(_cpu_grouped_mm, (x.detach(), w.detach(), offsets))
 
 
-def test_compiled_rollouts_and_logps_match_eager():
+def test_compiled_rollouts_and_logps_match_eager(monkeypatch):
     """`nanoseek grpo`'s default: rollouts through the compiled decode step at a batch whose routed
-    experts take the grouped GEMM (8 rows × 2 experts > 8 experts: one graph, no break) give the eager
-    tokens and log-probs, and the compiled log-prob forward gives the eager log-probs and gradients."""
+    experts take the grouped GEMM (8 rows × 2 experts > 8 experts, the dense path turned off: one graph,
+    no break) give the eager tokens and log-probs, and the compiled log-prob forward gives the eager
+    log-probs and gradients."""
+    from nanoseek.model import moe
     from nanoseek.rl.rollout import CompiledLogps
+
+    monkeypatch.setattr(moe, "DENSE_EXTRA_FLOPS", 0.0)
 
     torch.manual_seed(0)  # one MoE layer: compiling costs seconds per layer
     m = Transformer(preset("tiny", **{**TINY, "num_hidden_layers": 1, "first_k_dense_replace": 0,

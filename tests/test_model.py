@@ -163,12 +163,47 @@ def test_grouped_experts_match_per_expert_loop():
             g, u = experts.gate_up_proj[e, :I], experts.gate_up_proj[e, I:]
             ref[t] += w[t, j] * (experts.down_proj[e] @ (torch.nn.functional.silu(g @ x[t]) * (u @ x[t])))
     assert torch.allclose(experts(x, idx, w), ref, atol=1e-5)
+    # both many-token paths: sorted by expert through the grouped GEMM, and (small CPU batches) every expert densely
+    assert torch.allclose(experts._grouped(x, idx, w), ref, atol=1e-5)
+    assert torch.allclose(experts._all_experts(x, idx, w), ref, atol=1e-5)
+
+
+def test_experts_take_the_dense_path_only_while_its_extra_work_is_small(monkeypatch):
+    """On CPU a batch runs every routed expert densely up to `moe.dense_tokens` tokens (extra FLOPs under
+    DENSE_EXTRA_FLOPS), the grouped GEMM past it; the gradients of the two paths agree (the unchosen
+    experts' outputs are weighted by exact zeros, so their weights get exactly zero gradient)."""
+    from nanoseek.model import moe
+
+    args = preset("tiny", n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=3)
+    experts = Experts(args)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    limit = moe.dense_tokens(6, 3, args.hidden_size, args.moe_intermediate_size)
+    assert limit == int(moe.DENSE_EXTRA_FLOPS // (3 * 6 * args.hidden_size * args.moe_intermediate_size))
+    taken = []
+    for path in ("_grouped", "_all_experts"):
+        real = getattr(Experts, path)
+        monkeypatch.setattr(Experts, path, lambda self, *a, p=path, f=real: taken.append(p) or f(self, *a))
+    for n in (limit, limit + 1):
+        experts(torch.randn(n, args.hidden_size), torch.zeros(n, 3, dtype=torch.long), torch.rand(n, 3))
+    assert taken == ["_all_experts", "_grouped"]
+    monkeypatch.undo()
+    x = torch.randn(20, args.hidden_size, requires_grad=True)
+    idx = torch.stack([torch.randperm(5)[:3] for _ in range(20)])  # expert 5 never chosen
+    w = torch.rand(20, 3, requires_grad=True)
+    params, grad = [x, w, experts.gate_up_proj, experts.down_proj], torch.randn(20, args.hidden_size)
+    want = torch.autograd.grad(experts._grouped(x, idx, w), params, grad)
+    got = torch.autograd.grad(experts._all_experts(x, idx, w), params, grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got[2][5].abs().sum() == 0 and got[3][5].abs().sum() == 0
 
 
 def test_compiled_experts_match_eager_values_and_gradients():
     """Compiled, the routed experts reorder tokens by gathers both ways (`_Permute`) instead of the
-    eager gather + index_add: same outputs, and the same gradients for x, the gate weights and the experts.
-    Bug it catches: a permutation's backward applied with the wrong index (rows of another token)."""
+    eager gather + index_add: same outputs, and the same gradients for x, the gate weights and the experts;
+    so does the dense path. Bug it catches: a permutation's backward applied with the wrong index (rows
+    of another token)."""
     args = preset("tiny", n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=3)
     experts = Experts(args)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
@@ -178,12 +213,13 @@ def test_compiled_experts_match_eager_values_and_gradients():
     w = torch.rand(20, 3, requires_grad=True)
     grad = torch.randn(20, args.hidden_size)
     params = [x, w, experts.gate_up_proj, experts.down_proj]
-    eager = experts(x, idx, w)
-    expected = torch.autograd.grad(eager, params, grad)
-    compiled = torch.compile(experts, fullgraph=True)(x, idx, w)
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    for got, want in zip(torch.autograd.grad(compiled, params, grad), expected):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for path in (experts._grouped, experts._all_experts):
+        eager = path(x, idx, w)
+        expected = torch.autograd.grad(eager, params, grad)
+        compiled = torch.compile(path, fullgraph=True)(x, idx, w)
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+        for got, want in zip(torch.autograd.grad(compiled, params, grad), expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def rms(x, weight, eps):

@@ -14,9 +14,10 @@ Design choices, with the measurements behind them (the `small` preset, 2-core CP
   size stays a dynamic dimension). It cuts the per-token Python and kernel-launch overhead that
   dominates small models on CPU (tiny preset, batch 1, prompt 512: ~0.7 ms/step against ~2.2 ms
   eager), at the price of compiling (25-45 s cold, a few seconds from the disk cache). On CPU (and
-  in bf16) every batch size runs compiled (one graph while the MoE gathers experts, one past it): the
-  routed experts' fp32 grouped GEMM is a custom op on CPU (`model/moe.py`), so it does not break the
-  graph (a 64-row GRPO rollout step, tiny preset: ~5.7 ms eager -> ~3.7 ms compiled). fp32 on a GPU
+  in bf16) every batch size runs compiled (one graph per path the MoE takes: gathered experts, on CPU
+  every expert densely, the grouped GEMM): the routed experts' fp32 grouped GEMM is a custom op on CPU
+  (`model/moe.py`), so it does not break the graph (a 64-row GRPO rollout step, tiny preset: ~5.7 ms
+  eager -> ~3.7 ms compiled; ~3 ms since such a batch runs the experts densely). fp32 on a GPU
   compiles only the gathered-experts path: past it a per-expert loop breaks the graph.
 * At batch 1 the compiled decode and greedy speculative steps are AOTInductor packages on disk
   (`aot.py`, `_packages`), which a later process loads in ~0.1 s instead of tracing for seconds.
@@ -33,6 +34,7 @@ import time
 
 import torch
 
+from ..model.moe import dense_tokens
 from ..quant.inference import is_fp8_resident
 from . import speculative as spec
 from .aot import Flat, Package
@@ -49,7 +51,7 @@ CATCH_UP_ROWS = 256
 FULL_READ_MAX = 4
 SHORT_CACHE = 128
 # The shortest prompt the compiled prefill package serves (at least the tokens past which the MoE
-# runs its grouped GEMM: export fixes that branch).
+# runs its grouped GEMM, `Decoder.prefill_min`: export fixes that branch).
 PREFILL_MIN = 64
 
 
@@ -82,7 +84,8 @@ class Decoder:
         # weights or fp32 on a GPU (their routed experts over many tokens loop over data-dependent counts)
         E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 1
         exportable = (self.device.type == "cpu" or self.dtype == torch.bfloat16) and not is_fp8_resident(model)
-        self.prefill_min = max(PREFILL_MIN, E // K + 1) if exportable and not self.args.dsa else None
+        grouped = max(E // K, self.dense_tokens()) + 1  # the MoE's grouped path: export fixes the branch
+        self.prefill_min = max(PREFILL_MIN, grouped) if exportable and not self.args.dsa else None
         self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step,
                                     "speculative step": self._greedy_speculative_step,
                                     "prefill": self._whole_prompt, "MTP prefill": self._whole_prompt},
@@ -172,6 +175,13 @@ class Decoder:
                                 verify_kv_len, self.absorbed)
 
     # --- compiled or eager -------------------------------------------------------------------
+    def dense_tokens(self) -> int:
+        """Up to this many tokens a forward runs the routed experts densely (`moe.dense_tokens`; CPU)."""
+        a = self.args
+        if not a.n_routed_experts or self.device.type != "cpu":
+            return 0
+        return dense_tokens(a.n_routed_experts, a.num_experts_per_tok, a.hidden_size, a.moe_intermediate_size)
+
     def graph_fits(self, tokens: int) -> bool:
         """Would the compiled graph serve a forward over `tokens` tokens whole? On CPU and in bf16 always
         (the grouped GEMM traces); fp32 on a GPU only while the MoE layers take their gathered-experts

@@ -185,8 +185,8 @@ class Engine:
     def warmup(self) -> None:
         """Compile the decode step now rather than during the first requests (unless compile=False
         or compiling cannot work here): a few tokens at batch 1 and at batch 2, since torch.compile
-        specialises batch 1 and serves larger batches with a dynamic-size graph, and at the batch where
-        the MoE turns to its grouped GEMM (a second dynamic graph); in plain and
+        specialises batch 1 and serves larger batches with a dynamic-size graph, and at the batches where
+        the MoE changes path (`moe.Experts.forward`: each a further dynamic graph); in plain and
         speculative mode when the checkpoint has MTP modules. Batch 1 builds the ahead-of-time
         packages (aot.py), the prefill's too. With a warm disk cache this loads the compiled artefacts rather than
         compiling them."""
@@ -197,10 +197,14 @@ class Engine:
         # exists afterwards (a warm start of any engine of this shape then compiles at once)
         modes = [None, "mtp"] if self.depth else [None]
         # and at the first batch whose tokens x experts-per-token exceed the experts: the MoE switches
-        # from gathering the chosen experts to the grouped GEMM there, a second dynamic graph that would
-        # otherwise compile in the middle of serving (a stall of a minute on a small CPU)
+        # from gathering the chosen experts to its next path there (on CPU every expert densely, then
+        # past `dense_tokens` the grouped GEMM): each a dynamic graph that would otherwise compile in
+        # the middle of serving (a stall of a minute on a small CPU)
         E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 1
         sizes = {1, min(2, self.max_batch_size)} | ({min(E // K + 1, self.max_batch_size)} if E else set())
+        grouped = max(E // K, self.decoder.dense_tokens()) + 1
+        if E and grouped <= self.max_batch_size:
+            sizes.add(grouped)
         self.decoder.warming = True  # the compiled graphs, even where a short warm-up would run eagerly
         try:
             for mode in modes:
