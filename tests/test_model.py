@@ -169,9 +169,10 @@ def test_grouped_experts_match_per_expert_loop():
 
 
 def test_experts_take_the_dense_path_only_while_its_extra_work_is_small(monkeypatch):
-    """On CPU a batch runs every routed expert densely up to `moe.dense_tokens` tokens (extra FLOPs under
-    DENSE_EXTRA_FLOPS), the grouped GEMM past it; the gradients of the two paths agree (the unchosen
-    experts' outputs are weighted by exact zeros, so their weights get exactly zero gradient)."""
+    """On CPU a forward without gradients runs every routed expert densely up to `moe.dense_tokens` tokens
+    (extra FLOPs under DENSE_EXTRA_FLOPS), the grouped GEMM past it and whenever gradients are on; the
+    dense function's gradients are the grouped ones too (the unchosen experts' outputs are weighted by
+    exact zeros, so their weights get exactly zero gradient)."""
     from nanoseek.model import moe
 
     args = preset("tiny", n_routed_experts=6, n_group=1, topk_group=1, num_experts_per_tok=3)
@@ -185,8 +186,10 @@ def test_experts_take_the_dense_path_only_while_its_extra_work_is_small(monkeypa
         real = getattr(Experts, path)
         monkeypatch.setattr(Experts, path, lambda self, *a, p=path, f=real: taken.append(p) or f(self, *a))
     for n in (limit, limit + 1):
-        experts(torch.randn(n, args.hidden_size), torch.zeros(n, 3, dtype=torch.long), torch.rand(n, 3))
-    assert taken == ["_all_experts", "_grouped"]
+        with torch.no_grad():
+            experts(torch.randn(n, args.hidden_size), torch.zeros(n, 3, dtype=torch.long), torch.rand(n, 3))
+    experts(torch.randn(limit, args.hidden_size), torch.zeros(limit, 3, dtype=torch.long), torch.rand(limit, 3))
+    assert taken == ["_all_experts", "_grouped", "_grouped"]
     monkeypatch.undo()
     x = torch.randn(20, args.hidden_size, requires_grad=True)
     idx = torch.stack([torch.randperm(5)[:3] for _ in range(20)])  # expert 5 never chosen

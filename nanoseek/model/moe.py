@@ -13,7 +13,7 @@ Routing (`Gate`):
 Routed experts are stored fused (one tensor per projection across experts, rows in nn.Linear
 order) and run as two grouped matmuls over tokens sorted by expert: no per-expert Python loop.
 Small batches take cheaper paths (`Experts.forward`): a few tokens gather their experts' weights;
-on CPU, a batch whose every-expert work is small runs all experts densely.
+on CPU, a forward without gradients whose every-expert work is small runs all experts densely.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from .layers import MLP
 # On CPU the grouped path below has a fixed cost of a few hundred µs a layer, whatever the batch: the
 # sort, the two permutations, one MKL call per expert inside the grouped GEMM, and from compiled code a
 # trip through Python for the custom op. Running every expert on every token (two plain matmuls, the
-# unchosen experts weighted 0) costs extra FLOPs instead; it is the cheaper of the two while those
-# extra FLOPs stay under this (2-core CPU, tiny preset: 64 tokens, 19 MFLOP extra, a compiled layer
-# 0.68 -> 0.30 ms, a GRPO rollout of 64 x 64 tokens ~15% faster; past ~40 MFLOP grouped wins). Real
-# sizes never qualify (V3: one token's extra work is ~20 GFLOP).
+# unchosen experts weighted 0) costs extra FLOPs instead; in a forward without gradients (decoding,
+# rollouts) it is the cheaper of the two while those extra FLOPs stay under this (2-core CPU, tiny
+# preset: 64 tokens, 19 MFLOP extra, a compiled layer 0.68 -> 0.30 ms, a GRPO rollout of 64 x 64 tokens
+# ~15% faster; past ~40 MFLOP grouped wins). Training keeps the grouped path (a backward would triple
+# the extra work, and expert parallelism dispatches the same way). Real sizes never qualify (V3: one
+# token's extra work is ~20 GFLOP).
 DENSE_EXTRA_FLOPS = 24e6
 
 
@@ -113,7 +115,8 @@ class Experts(nn.Module):
         N, K = indices.shape
         if N * K <= self.n_experts:
             return self._few_tokens(x, indices, weights)
-        if x.device.type == "cpu" and N <= dense_tokens(self.n_experts, K, *self.down_proj.shape[1:]):
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and \
+                N <= dense_tokens(self.n_experts, K, *self.down_proj.shape[1:]):
             return self._all_experts(x, indices, weights)
         return self._grouped(x, indices, weights)
 
