@@ -160,8 +160,9 @@ class Experts(nn.Module):
         return (h.view(N, K, -1) * weights[..., None].to(h.dtype)).sum(dim=1)
 
     def _all_experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token, each output weighted by its gate weight (0 where not chosen):
-        the same sums as the grouped path (adding exact zeros), with no sort and no grouped GEMM."""
+        """Every expert on every token, each output weighted by its gate weight (0 where not chosen): the
+        grouped path's result (the unchosen terms add exact zeros; the matmuls may order their sums
+        differently), with no sort and no grouped GEMM."""
         N, E, I = x.shape[0], self.n_experts, self.inter_dim
         h = F.linear(x, self.gate_up_proj.flatten(0, 1)).view(N, E, 2 * I)
         gate, up = h.split(I, dim=-1)
