@@ -84,8 +84,10 @@ class Decoder:
         # weights or fp32 on a GPU (their routed experts over many tokens loop over data-dependent counts)
         E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 1
         exportable = (self.device.type == "cpu" or self.dtype == torch.bfloat16) and not is_fp8_resident(model)
-        grouped = max(E // K, self.dense_tokens()) + 1  # the MoE's grouped path: export fixes the branch
-        self.prefill_min = max(PREFILL_MIN, grouped) if exportable and not self.args.dsa else None
+        # the fewest tokens whose forward takes the MoE's grouped path (past gathered experts and, on
+        # CPU, every expert densely): export fixes that branch, and the engine's warm-up compiles it
+        self.grouped_from = max(E // K, self.dense_tokens()) + 1
+        self.prefill_min = max(PREFILL_MIN, self.grouped_from) if exportable and not self.args.dsa else None
         self.steps = CompiledSteps({"decode step": self._forward_eager, "MTP draft step": model.mtp_step,
                                     "speculative step": self._greedy_speculative_step,
                                     "prefill": self._whole_prompt, "MTP prefill": self._whole_prompt},

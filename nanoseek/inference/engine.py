@@ -202,9 +202,8 @@ class Engine:
         # the middle of serving (a stall of a minute on a small CPU)
         E, K = self.args.n_routed_experts or 0, self.args.num_experts_per_tok or 1
         sizes = {1, min(2, self.max_batch_size)} | ({min(E // K + 1, self.max_batch_size)} if E else set())
-        grouped = max(E // K, self.decoder.dense_tokens()) + 1
-        if E and grouped <= self.max_batch_size:
-            sizes.add(grouped)
+        if E and self.decoder.grouped_from <= self.max_batch_size:
+            sizes.add(self.decoder.grouped_from)
         self.decoder.warming = True  # the compiled graphs, even where a short warm-up would run eagerly
         try:
             for mode in modes:
